@@ -1,0 +1,152 @@
+"""Command-line arguments of every script, as dataclasses parsed by HfArgumentParser.
+
+Boolean flags accept both the bare form (`--fewshot`) and a value (`--fewshot yes|no`), as the
+original README uses both.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass, field
+
+from transformers import HfArgumentParser
+
+from common import UserError
+
+
+def parse(cls, argv: list[str] | None = None):
+    parser = HfArgumentParser(cls)
+    try:
+        (parsed,) = parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as err:  # raised by __post_init__ checks
+        raise UserError(str(err)) from None
+    return parsed
+
+
+def as_dict(args) -> dict:
+    return asdict(args)
+
+
+def device_list(device: str) -> list[str]:
+    """'0,1,2' -> ['0','1','2']; 'cpu' or '' -> [] (one process, default device)."""
+    if device.strip().lower() in ("", "cpu", "auto"):
+        return []
+    items = [d.strip() for d in device.split(",") if d.strip()]
+    if not all(d.isdigit() for d in items):
+        raise UserError(f"--device: expected 'cpu' or comma-separated GPU ids like 0,1,2, got {device!r}")
+    return items
+
+
+@dataclass
+class ModelArguments:
+    task: str = field(default="wordmath", metadata={"help": "Task name: gsm8k, svamp, multiarith, cqa, sqa, wordmath, gsm_symbolic."})
+    load: str = field(default="checkpoints/wordmath-student",
+                      metadata={"help": "Base model: a hub name (e.g. EleutherAI/gpt-j-6B) or a local folder."})
+    checkpoint: str | None = field(default=None, metadata={"help": "Trained checkpoint folder; overrides --load when given."})
+    device: str = field(default="cpu", metadata={"help": "'cpu' or GPU ids '0,1,...'; several ids run one process per id."})
+    data_dir: str = field(default="localdataset", metadata={"help": "Local datasets: <data_dir>/<task>/<split>.{jsonl,json,parquet} or a save_to_disk folder."})
+    fewshot: bool = field(default=False, metadata={"help": "Prepend few-shot demos to every prompt."})
+    fewshot_file: str | None = field(default=None, metadata={"help": "Demos file (.txt blocks separated by blank lines, or .json/.jsonl records)."})
+    rationale: bool = field(default=False, metadata={"help": "Rationale mode (Reasoning: ... Answer: ...) instead of answer-only."})
+    fp16: bool = field(default=False, metadata={"help": "Load weights in float16 (GPU)."})
+    bf16: bool = field(default=False, metadata={"help": "Load weights in bfloat16."})
+    seed: int = field(default=42, metadata={"help": "Random seed (demo choice, sampling)."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the hub (off by default)."})
+
+    @property
+    def model_path(self) -> str:
+        return self.checkpoint or self.load
+
+
+@dataclass
+class InferArguments(ModelArguments):
+    test_on: str = field(default="test", metadata={"help": "Split to evaluate: test, train, validation."})
+    batch: int = field(default=32, metadata={"help": "Generation batch size per process."})
+    max_new_tokens: int | None = field(default=None, metadata={"help": "Default: the task's value (SPEC §6)."})
+    limit: int | None = field(default=None, metadata={"help": "Evaluate only the first N items."})
+    output_dir: str | None = field(default=None, metadata={"help": "Where Acc<acc>.json goes (default: the checkpoint folder/eval_<split>)."})
+    note: str = field(default="", metadata={"help": "Free text stored in the output file."})
+    sample_num: int = field(default=1, metadata={"help": "Kept for compatibility: evaluation decodes greedily, one answer per item."})
+
+
+@dataclass
+class ExamArguments(ModelArguments):
+    test_on: str = field(default="train", metadata={"help": "Split the student sits the exam on."})
+    batch: int = field(default=32, metadata={"help": "Prompts per generation batch per process (each sampled n times)."})
+    sample_num: int = field(default=4, metadata={"help": "Samples per question."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
+    top_k: int = field(default=50, metadata={"help": "Top-k sampling."})
+    max_new_tokens: int = field(default=128, metadata={"help": "New tokens per sample."})
+    limit: int | None = field(default=None, metadata={"help": "Only the first N questions."})
+    output_dir: str | None = field(default=None, metadata={"help": "Default: <checkpoint>/exam_<split>_<note>."})
+    note: str = field(default="", metadata={"help": "Free text, also names the default output folder."})
+
+
+# ---------------------------------------------------------------- teacher (query_teacher.py, teacher.run_collection)
+
+@dataclass
+class TeacherArguments:
+    mode: str = field(default="annotate", metadata={"help": "annotate: rationales for a whole split; feedback: "
+                                                            "tailored rationales for the student's mistakes.",
+                                                    "choices": ["annotate", "feedback"]})
+    task: str = field(default="wordmath", metadata={"help": "Task name (see tasks.py)."})
+    data_dir: str = field(default="localdataset", metadata={"help": "Local datasets folder (as for the other scripts)."})
+    test_on: str = field(default="train", metadata={"help": "Split whose questions go to the teacher."})
+    limit: int | None = field(default=None, metadata={"help": "Only the first N questions of the split."})
+    student_wrong: str | None = field(default=None, metadata={"help": "feedback mode: the exam's student_wrong.json "
+                                                                      "({question: [wrong rationale, ...]})."})
+    max_wrong_per_question: int = field(default=2, metadata={"help": "feedback mode: at most this many wrong "
+                                                                     "rationales per question get a request."})
+    skip_unknown_questions: bool = field(default=False, metadata={"help": "feedback mode: skip (and count) questions "
+                                                                          "not in the split instead of failing."})
+    output_dir: str = field(default="teacher_out", metadata={"help": "Gets teacher_data.json, teacher_provenance.jsonl, "
+                                                                     "journal.jsonl, summary.json."})
+    backend: str = field(default="openai", metadata={"help": "openai: any OpenAI-compatible server (key from env "
+                                                             "OPENAI_API_KEY); offline: built from gold rationales.",
+                                                     "choices": ["openai", "offline"]})
+    teacher_model: str = field(default="gpt-3.5-turbo", metadata={"help": "Model name sent to the server."})
+    base_url: str | None = field(default=None, metadata={"help": "OpenAI-compatible endpoint, e.g. "
+                                                                 "http://127.0.0.1:8000/v1 (default: OpenAI / env OPENAI_BASE_URL)."})
+    num_samples: int = field(default=2, metadata={"help": "Rationales per request (the API's n); two or more give "
+                                                          "the triplet loss a positive."})
+    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature of the teacher."})
+    max_tokens: int = field(default=320, metadata={"help": "Completion tokens per rationale at most."})
+    concurrency: int = field(default=8, metadata={"help": "Requests in flight at once."})
+    request_timeout: float = field(default=60.0, metadata={"help": "Seconds before one attempt times out."})
+    max_retries: int = field(default=5, metadata={"help": "Retries per request on 429, 5xx, timeouts, connection errors."})
+    backoff_base: float = field(default=1.0, metadata={"help": "First retry delay in seconds (doubles each time, "
+                                                               "with jitter; a retry-after header wins)."})
+    max_requests: int | None = field(default=None, metadata={"help": "Stop cleanly after this many new requests."})
+    max_cost: float | None = field(default=None, metadata={"help": "Stop cleanly before this run's spend (USD) "
+                                                                   "would pass this."})
+    price_table: str | None = field(default=None, metadata={"help": "JSON {model: {prompt_per_1m, completion_per_1m}} "
+                                                                    "(USD per 1M tokens) over the built-in table."})
+    prompt_price_per_1m: float | None = field(default=None, metadata={"help": "Override: USD per 1M prompt tokens."})
+    completion_price_per_1m: float | None = field(default=None, metadata={"help": "Override: USD per 1M completion tokens."})
+    est_completion_tokens: int = field(default=150, metadata={"help": "Completion length assumed per rationale by "
+                                                                      "--dry_run and the --max_cost check."})
+    dry_run: bool = field(default=False, metadata={"help": "Estimate requests, tokens and cost; send nothing, write nothing."})
+    offline_error_rate: float = field(default=0.05, metadata={"help": "offline backend: share of rationales written "
+                                                                      "with a wrong final answer (filter practice)."})
+    seed: int = field(default=42, metadata={"help": "offline backend: seed of its phrasing and errors."})
+
+    def __post_init__(self):
+        positive = {"num_samples": self.num_samples, "concurrency": self.concurrency, "max_tokens": self.max_tokens,
+                    "max_wrong_per_question": self.max_wrong_per_question,
+                    "est_completion_tokens": self.est_completion_tokens}
+        for name, value in positive.items():
+            if value < 1:
+                raise UserError(f"--{name} must be at least 1, got {value}")
+        for name in ("limit", "max_requests"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserError(f"--{name} must be at least 1, got {value}")
+        if self.max_retries < 0 or self.request_timeout <= 0 or self.backoff_base < 0:
+            raise UserError("--max_retries, --backoff_base must be >= 0 and --request_timeout > 0")
+        if self.max_cost is not None and self.max_cost <= 0:
+            raise UserError(f"--max_cost must be positive, got {self.max_cost}")
+        if not 0.0 <= self.offline_error_rate <= 1.0:
+            raise UserError(f"--offline_error_rate must be in [0, 1], got {self.offline_error_rate}")
+        if self.mode not in ("annotate", "feedback"):
+            raise UserError(f"--mode must be annotate or feedback, got {self.mode!r}")
+        if self.backend not in ("openai", "offline"):
+            raise UserError(f"--backend must be openai or offline, got {self.backend!r}")

@@ -1,0 +1,146 @@
+"""Batched generation shared by evaluation (`infer.py`), the exam and evaluation during training.
+
+Prompts are sorted by length and cut into batches globally; batches (not items) are dealt to
+ranks, so every batch, and therefore every output, is the same whatever the number of
+processes. Each sequence stops at the first blank line or eos.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import distributed
+from common import UserError
+from tasks import Example, TaskSpec, build_prompt, grade
+
+STOP = "\n\n"
+
+
+def looks_local(path: str) -> bool:
+    """Hub names are 'org/name'; anything else, or a path under an existing folder here, is local."""
+    return (path.startswith((".", "/", "~")) or os.path.exists(path) or path.count("/") != 1
+            or os.path.isdir(path.split("/")[0]))
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:  # GPT-J ships none; eos is masked out anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(path: str, dtype: torch.dtype | None = None, trust_remote_code: bool = False, flag: str = "--load"):
+    """Model and tokenizer from a hub name or a local HF folder (safetensors weights only)."""
+    if looks_local(path) and not Path(path).is_dir():
+        raise UserError(f"{flag}: checkpoint folder {path} not found")
+    if Path(path).is_dir() and not any(Path(path).glob("*.safetensors")) and not any(Path(path).glob("*.safetensors.index.json")):
+        raise UserError(f"{flag}: {path} holds no *.safetensors weights (we do not unpickle .bin files)")
+    try:
+        tokenizer = load_tokenizer(path, trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
+                                                     trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{flag}: cannot load {path} ({str(err).splitlines()[0]})") from None
+    model.eval()
+    return model, tokenizer
+
+
+def torch_dtype(fp16: bool, bf16: bool) -> torch.dtype | None:
+    if fp16 and bf16:
+        raise UserError("--fp16 and --bf16: choose one")
+    return torch.float16 if fp16 else torch.bfloat16 if bf16 else None
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int
+    batch_size: int = 32
+    do_sample: bool = False
+    num_samples: int = 1
+    temperature: float = 1.0
+    top_k: int = 50
+    seed: int = 0
+
+
+def plan_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length, longest first (an OOM shows up at once)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+@torch.no_grad()
+def _generate_batch(model, tokenizer, prompts: list[str], cfg: SamplingConfig, seed: int,
+                    synced: bool = False) -> list[list[str]]:
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(model.device)
+    kwargs = dict(max_new_tokens=cfg.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                  eos_token_id=tokenizer.eos_token_id, stop_strings=[STOP], tokenizer=tokenizer,
+                  num_return_sequences=cfg.num_samples, synced_gpus=synced)
+    if cfg.do_sample:
+        torch.manual_seed(seed)
+        kwargs.update(do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
+    output = model.generate(**encoded, **kwargs)
+    texts = tokenizer.batch_decode(output[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+    texts = [t.split(STOP, 1)[0] for t in texts]
+    return [texts[i * cfg.num_samples:(i + 1) * cfg.num_samples] for i in range(len(prompts))]
+
+
+def generate(model, tokenizer, prompts: list[str], cfg: SamplingConfig, desc: str = "generate",
+             progress: bool = True, synced: bool = False) -> list[list[str]] | None:
+    """`num_samples` continuations per prompt, in prompt order, on rank 0 (None on other ranks).
+
+    Under several processes each rank takes every world_size-th batch; results are merged once.
+    synced: the weights are sharded (ZeRO-3), so every rank must run the same number of forward
+    passes: ranks get equal batch counts (padding with a repeat of their last batch, discarded)
+    and `generate` keeps stepping until all ranks are done."""
+    lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
+    batches = plan_batches(lengths, cfg.batch_size)
+    world = distributed.world_size()
+    mine = list(range(distributed.rank(), len(batches), world))
+    rounds = -(-len(batches) // world)
+    synced = synced and world > 1
+    if synced:
+        mine += [mine[-1] if mine else 0] * (rounds - len(mine))
+    was_training = model.training
+    model.eval()
+    local: dict[int, list[str]] = {}
+    for b in tqdm(mine, desc=desc, unit="batch", disable=not (progress and distributed.is_main())):
+        indices = batches[b]
+        outputs = _generate_batch(model, tokenizer, [prompts[i] for i in indices], cfg, cfg.seed + b, synced)
+        for i, outs in zip(indices, outputs):
+            local[i] = outs
+    model.train(was_training)
+    shards = distributed.gather_to_main(local)
+    if shards is None:
+        return None
+    merged: dict[int, list[str]] = {}
+    for shard in shards:
+        merged.update(shard)
+    if sorted(merged) != list(range(len(prompts))):
+        raise RuntimeError(f"merged {len(merged)} results for {len(prompts)} prompts")
+    return [merged[i] for i in range(len(prompts))]
+
+
+def evaluate(model, tokenizer, task: TaskSpec, examples: list[Example], demos: str, rationale: bool,
+             cfg: SamplingConfig, desc: str = "eval", progress: bool = True, synced: bool = False) -> dict | None:
+    """Greedy accuracy (flexible and strict) with one record per item; None on ranks other than 0."""
+    prompts = [build_prompt(task, ex, demos, rationale) for ex in examples]
+    outputs = generate(model, tokenizer, prompts, cfg, desc=desc, progress=progress, synced=synced)
+    if outputs is None:
+        return None
+    records = []
+    for ex, (text,) in zip(examples, outputs):
+        records.append({"question": ex.question, "gold": ex.gold, "generated": text,
+                        **grade(task, text, ex.gold, rationale)})
+    total = len(records)
+    correct = sum(r["correct"] for r in records)
+    strict = sum(r["strict_correct"] for r in records)
+    return {"correct": correct, "strict_correct": strict, "total": total,
+            "acc": correct / total if total else 0.0, "strict_acc": strict / total if total else 0.0,
+            "records": records}

@@ -1,0 +1,64 @@
+"""Evaluate a student: greedy decoding on a split, accuracy of the extracted final answer.
+
+    python infer.py --task gsm8k --test_on test --device 0,1,2,3,4,5,6,7 --fewshot --rationale \
+        --checkpoint checkpoints/student_train/saved_ckpt_path
+Writes <output_dir>/Acc<acc>.json (args, correct, total, acc, strict_acc, one record per item).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import distributed
+from args import InferArguments, as_dict, device_list, parse
+from common import UserError, atomic_write_json, cli_main, redact, set_seed
+from generation import SamplingConfig, evaluate, load_model, looks_local, torch_dtype
+from tasks import get_task, load_demos, load_split
+
+
+def default_output_dir(args: InferArguments) -> str:
+    base = args.model_path if looks_local(args.model_path) else os.path.join("outputs", args.model_path.replace("/", "_"))
+    return os.path.join(base, f"eval_{args.test_on}")
+
+
+def demos_for(args, task) -> str:
+    """Few-shot demos (drawn from the train split unless a file is given), or '' without --fewshot."""
+    if not args.fewshot:
+        return ""
+    train = None if args.fewshot_file else load_split(task.name, "train", args.data_dir)
+    return load_demos(task, args.rationale, args.fewshot_file, train, args.seed)
+
+
+def run(args: InferArguments) -> dict | None:
+    """Evaluate and write Acc<acc>.json; returns the result on rank 0 (None elsewhere)."""
+    set_seed(args.seed)
+    task = get_task(args.task)
+    examples = load_split(task.name, args.test_on, args.data_dir, args.limit)
+    demos = demos_for(args, task)
+    model, tokenizer = load_model(args.model_path, torch_dtype(args.fp16, args.bf16), args.trust_remote_code,
+                                  flag="--checkpoint" if args.checkpoint else "--load")
+    model.to(distributed.device())
+    cfg = SamplingConfig(max_new_tokens=args.max_new_tokens or task.max_new_tokens, batch_size=args.batch)
+    result = evaluate(model, tokenizer, task, examples, demos, args.rationale, cfg, desc=f"eval {task.name}/{args.test_on}")
+    if result is None:
+        return None
+    output_dir = Path(args.output_dir or default_output_dir(args))
+    result = {"args": redact(as_dict(args)), **result}
+    path = output_dir / f"Acc{result['acc']:.4f}.json"
+    atomic_write_json(path, result)
+    result["path"] = str(path)
+    print(f"{task.name}/{args.test_on}: accuracy {result['acc']:.4f} ({result['correct']}/{result['total']}), "
+          f"strict {result['strict_acc']:.4f} ({result['strict_correct']}/{result['total']})  -> {path}")
+    return result
+
+
+@cli_main
+def main() -> None:
+    args = parse(InferArguments)
+    distributed.relaunch_if_needed(device_list(args.device))
+    distributed.init_process_group()
+    run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""The exam: the student samples several answers per question; its mistakes become next round's inputs.
+
+    python infer_student_wrong.py --task gsm8k --rationale --fewshot --batch 4 --test_on train \
+        --note round1 --device 0,1,2,3,4,5,6,7 --checkpoint checkpoints/student_train/saved_ckpt_path
+Writes, in --output_dir: student_wrong.json ({question: [unique wrong rationale, ...]}, questions
+answered right in every sample absent), samples.jsonl (every sample) and summary.json.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import distributed
+from args import ExamArguments, as_dict, device_list, parse
+from common import atomic_write_json, atomic_write_jsonl, cli_main, redact, set_seed
+from generation import SamplingConfig, generate, load_model, looks_local, torch_dtype
+from infer import demos_for
+from tasks import build_prompt, get_task, grade, load_split
+
+
+def default_output_dir(args: ExamArguments) -> str:
+    base = args.model_path if looks_local(args.model_path) else os.path.join("outputs", args.model_path.replace("/", "_"))
+    return os.path.join(base, f"exam_{args.test_on}" + (f"_{args.note}" if args.note else ""))
+
+
+def collect_mistakes(task, examples, outputs: list[list[str]], rationale: bool):
+    """Per-sample records, and {question: [unique wrong rationale]} in first-seen order."""
+    samples, wrong = [], {}
+    for ex, texts in zip(examples, outputs):
+        for k, text in enumerate(texts):
+            graded = grade(task, text, ex.gold, rationale)
+            samples.append({"question": ex.question, "gold": ex.gold, "sample": k, "rationale": text, **graded})
+            if not graded["correct"] and text.strip():
+                bucket = wrong.setdefault(ex.question, [])
+                if text not in bucket:
+                    bucket.append(text)
+    return samples, wrong
+
+
+def run(args: ExamArguments) -> dict | None:
+    started = time.time()
+    set_seed(args.seed)
+    task = get_task(args.task)
+    examples = load_split(task.name, args.test_on, args.data_dir, args.limit)
+    demos = demos_for(args, task)
+    model, tokenizer = load_model(args.model_path, torch_dtype(args.fp16, args.bf16), args.trust_remote_code,
+                                  flag="--checkpoint" if args.checkpoint else "--load")
+    model.to(distributed.device())
+    cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch, do_sample=True,
+                         num_samples=args.sample_num, temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+    prompts = [build_prompt(task, ex, demos, args.rationale) for ex in examples]
+    outputs = generate(model, tokenizer, prompts, cfg, desc=f"exam {task.name}/{args.test_on}")
+    if outputs is None:
+        return None
+    samples, wrong = collect_mistakes(task, examples, outputs, args.rationale)
+    n = len(examples)
+    per_question = [sum(s["correct"] for s in samples[i * args.sample_num:(i + 1) * args.sample_num]) for i in range(n)]
+    summary = {"args": redact(as_dict(args)), "questions": n, "samples": len(samples),
+               "accuracy": sum(per_question) / max(1, len(samples)),
+               "strict_accuracy": sum(s["strict_correct"] for s in samples) / max(1, len(samples)),
+               f"pass@{args.sample_num}": sum(c > 0 for c in per_question) / max(1, n),
+               "questions_with_mistakes": len(wrong), "wrong_rationales": sum(map(len, wrong.values())),
+               "seconds": round(time.time() - started, 1)}
+    out = Path(args.output_dir or default_output_dir(args))
+    atomic_write_jsonl(out / "samples.jsonl", samples)
+    atomic_write_json(out / "student_wrong.json", wrong)
+    atomic_write_json(out / "summary.json", summary)
+    print(f"exam {task.name}/{args.test_on}: {n} questions x {args.sample_num} samples, sample accuracy "
+          f"{summary['accuracy']:.4f}, pass@{args.sample_num} {summary[f'pass@{args.sample_num}']:.4f}, "
+          f"{summary['wrong_rationales']} wrong rationales on {len(wrong)} questions -> {out / 'student_wrong.json'}")
+    return summary
+
+
+@cli_main
+def main() -> None:
+    args = parse(ExamArguments)
+    distributed.relaunch_if_needed(device_list(args.device))
+    distributed.init_process_group()
+    run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""The embedded student: a tiny GPT-J built offline, with a tokenizer trained on the task text.
+
+It is saved as an ordinary HF checkpoint (safetensors + tokenizer.json), so every script loads
+it through `--load <folder>` exactly like a hub model. The warm start is a short plain LM
+fit on gold rationales: it stands in for the pre-training a real student brings, leaving a
+round-0 student that solves some problems but not all.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tqdm import tqdm
+from transformers import GPTJConfig, GPTJForCausalLM, PreTrainedTokenizerFast
+
+EOS, PAD = "<|endoftext|>", "<|pad|>"
+
+
+def train_tokenizer(texts: list[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """Byte-level BPE with every digit its own token, so numbers are spelled digit by digit."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS, PAD],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, unk_token=EOS, pad_token=PAD)
+    fast.padding_side = "left"
+    return fast
+
+
+def build_model(tokenizer, n_layer: int = 4, n_embd: int = 128, n_head: int = 4, n_positions: int = 1024,
+                seed: int = 0) -> GPTJForCausalLM:
+    torch.manual_seed(seed)
+    config = GPTJConfig(vocab_size=len(tokenizer), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
+                        n_head=n_head, rotary_dim=n_embd // n_head // 2, bos_token_id=tokenizer.bos_token_id,
+                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                        tie_word_embeddings=False)
+    return GPTJForCausalLM(config)
+
+
+def warm_start(model, tokenizer, pairs: list[tuple[str, str]], steps: int, batch_size: int = 32, lr: float = 2e-3,
+               seed: int = 0, log_every: int = 50) -> list[float]:
+    """Plain causal-LM fit on (prompt, continuation) pairs; returns the loss curve.
+
+    Prompt and continuation are tokenized apart, as at inference, where the prompt ends the input."""
+    rng = random.Random(seed)
+    encoded = [tokenizer(p)["input_ids"] + tokenizer(c)["input_ids"] + [tokenizer.eos_token_id] for p, c in pairs]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    warmup = max(1, steps // 10)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    model.train()
+    losses, started = [], time.time()
+    bar = tqdm(range(steps), desc="warm start", unit="step")
+    for step in bar:
+        batch = rng.sample(encoded, min(batch_size, len(encoded)))
+        width = max(map(len, batch))
+        ids = torch.full((len(batch), width), tokenizer.pad_token_id)
+        mask = torch.zeros_like(ids)
+        for i, seq in enumerate(batch):
+            ids[i, :len(seq)] = torch.tensor(seq)
+            mask[i, :len(seq)] = 1
+        labels = ids.masked_fill(mask == 0, -100)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if step % log_every == 0 or step == steps - 1:
+            bar.set_postfix(loss=f"{sum(losses[-log_every:]) / len(losses[-log_every:]):.3f}")
+    model.eval()
+    print(f"warm start: {steps} steps in {time.time() - started:.0f}s, final loss {sum(losses[-20:]) / len(losses[-20:]):.3f}")
+    return losses

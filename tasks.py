@@ -1,0 +1,358 @@
+"""Tasks: one table of datasets, their prompt formats, gold answers and answer extraction.
+
+Every task turns a raw dataset row into an `Example` (processed question text, gold answer,
+optional choices and reference rationale). Everything downstream (prompts, grading, teacher
+files keyed by question text) works on `Example`s only.
+"""
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from common import UserError, read_json, read_jsonl
+
+DATA_DIR = "localdataset"
+FEWSHOT_DIR = Path(__file__).resolve().parent / "fewshot"
+CHOICE_LETTERS = "abcde"
+
+
+@dataclass
+class Example:
+    question: str
+    gold: str
+    choices: list[str] | None = None
+    rationale: str | None = None  # reference solution, when the dataset has one
+    meta: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- raw row -> Example
+
+def _number_text(value) -> str:
+    """Canonical text of a numeric gold answer: '1,234' -> '1234', 8.0 -> '8'."""
+    text = str(value).replace(",", "").replace("$", "").strip()
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return str(int(number)) if number == int(number) else text
+
+
+def _clean_gsm_rationale(text: str) -> str:
+    text = re.sub(r"<<[^<>]*>>", "", text)  # calculator annotations
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _from_gsm8k(row: dict) -> Example:
+    solution = str(row["answer"])
+    if "####" not in solution:
+        raise ValueError("answer has no '#### <number>' line")
+    body, _, final = solution.rpartition("####")
+    return Example(row["question"].strip(), _number_text(final), rationale=_clean_gsm_rationale(body) or None)
+
+
+def _from_svamp(row: dict) -> Example:
+    body = str(row["Body"]).strip()
+    if not body.endswith("."):
+        body += "."
+    return Example(f"{body} {str(row['Question']).strip()}", _number_text(row["Answer"]))
+
+
+def _from_multiarith(row: dict) -> Example:
+    return Example(str(row["question"]).strip(), _number_text(row["final_ans"]))
+
+
+def _from_cqa(row: dict) -> Example:
+    choices = row["choices"]
+    texts = list(choices["text"]) if isinstance(choices, dict) else [c["text"] for c in choices]
+    if len(texts) != 5:
+        raise ValueError(f"expected 5 answer choices, got {len(texts)}")
+    return Example(str(row["question"]).strip(), str(row["answerKey"]).strip().lower(), choices=texts)
+
+
+def _from_sqa(row: dict) -> Example:
+    answer = row["answer"]
+    yes = answer if isinstance(answer, bool) else str(answer).strip().lower() in ("yes", "true", "1")
+    return Example(str(row["question"]).strip(), "Yes" if yes else "No")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    kind: str                    # "math" | "choice" | "yesno"
+    columns: tuple[str, ...]     # raw columns the converter reads
+    convert: Callable[[dict], Example]
+    hub: tuple[str, str | None] | None  # (dataset name, config) for datasets.load_dataset
+    n_demos: int
+    max_new_tokens: int
+    split_alias: tuple[tuple[str, str], ...] = ()  # e.g. cqa's labelled "test" is the hub "validation"
+    prepare_hint: str = ""
+
+
+TASKS: dict[str, TaskSpec] = {t.name: t for t in [
+    TaskSpec("gsm8k", "math", ("question", "answer"), _from_gsm8k, ("openai/gsm8k", "main"), 3, 256),
+    TaskSpec("svamp", "math", ("Body", "Question", "Answer"), _from_svamp, ("ChilleD/SVAMP", None), 3, 192),
+    TaskSpec("multiarith", "math", ("question", "final_ans"), _from_multiarith, ("ChilleD/MultiArith", None), 3, 192),
+    TaskSpec("cqa", "choice", ("question", "choices", "answerKey"), _from_cqa, ("tau/commonsense_qa", None), 5, 96,
+             split_alias=(("test", "validation"),)),
+    TaskSpec("sqa", "yesno", ("question", "answer"), _from_sqa, ("ChilleD/StrategyQA", None), 4, 128),
+    # Embedded offline tasks, written into localdataset/ by prepare_data.py (GSM8K row format).
+    TaskSpec("wordmath", "math", ("question", "answer"), _from_gsm8k, None, 3, 96,
+             prepare_hint="run `python prepare_data.py` first"),
+    TaskSpec("gsm_symbolic", "math", ("question", "answer"), _from_gsm8k, None, 3, 256,
+             prepare_hint="run `python prepare_data.py` first"),
+]}
+
+
+def get_task(name: str) -> TaskSpec:
+    if name not in TASKS:
+        raise UserError(f"--task: unknown task {name!r} (known: {', '.join(TASKS)})")
+    return TASKS[name]
+
+
+# ---------------------------------------------------------------- loading
+
+def _local_candidates(root: Path, task: str, split: str) -> list[Path]:
+    stems = [split, f"{task}.{split}", f"{task}_{split}"]
+    files = [root / f"{s}.{ext}" for s in stems for ext in ("jsonl", "json", "parquet")]
+    return files + [root / s for s in stems] + [root]
+
+
+def _read_local(path: Path, split: str) -> list[dict] | None:
+    """Rows of one local file/folder, or None if `path` is not a dataset for this split."""
+    if path.is_file():
+        if path.suffix == ".jsonl":
+            return read_jsonl(path)
+        if path.suffix == ".json":
+            data = read_json(path)
+            if isinstance(data, dict) and isinstance(data.get(split), list):
+                data = data[split]
+            if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+                raise UserError(f"{path}: expected a JSON list of objects (or {{'{split}': [...]}})")
+            return data
+        if path.suffix == ".parquet":
+            import datasets
+            try:
+                return datasets.Dataset.from_parquet(str(path)).to_list()
+            except Exception as err:  # pyarrow raises many types on bad files
+                raise UserError(f"{path}: cannot read parquet ({type(err).__name__}: {err})") from None
+        return None
+    if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
+        import datasets
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                return None
+            loaded = loaded[split]
+        return loaded.to_list()
+    return None
+
+
+def load_raw_rows(task: TaskSpec, split: str, data_dir: str = DATA_DIR) -> tuple[list[dict], str]:
+    """Rows of a split and where they came from: local files under data_dir/<task>/, else the hub."""
+    root = Path(data_dir) / task.name
+    names = [split] + [alias for s, alias in task.split_alias if s == split]
+    for name in names:
+        for candidate in _local_candidates(root, task.name, name):
+            rows = _read_local(candidate, name)
+            if rows is not None:
+                return rows, str(candidate)
+    if task.hub is None:
+        raise UserError(f"{root}: no local '{split}' split for task {task.name} ({task.prepare_hint})")
+    import datasets
+    hub_name, config = task.hub
+    hub_split = dict(task.split_alias).get(split, split)
+    try:
+        ds = datasets.load_dataset(hub_name, config, split=hub_split)
+    except Exception as err:  # offline, missing split, auth: all one line for the user
+        raise UserError(f"cannot load {hub_name} split '{hub_split}' from the hub and no local copy under "
+                        f"{root} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+    return ds.to_list(), f"hub:{hub_name}"
+
+
+def load_split(task_name: str, split: str, data_dir: str = DATA_DIR, limit: int | None = None) -> list[Example]:
+    task = get_task(task_name)
+    rows, source = load_raw_rows(task, split, data_dir)
+    if not rows:
+        raise UserError(f"{source}: split '{split}' of task {task.name} is empty")
+    missing = [c for c in task.columns if c not in rows[0]]
+    if missing:
+        raise UserError(f"{source}: missing column {missing[0]!r} (task {task.name} needs {', '.join(task.columns)})")
+    examples = []
+    for i, row in enumerate(rows[:limit] if limit else rows):
+        try:
+            examples.append(task.convert(row))
+        except (KeyError, ValueError, TypeError) as err:
+            raise UserError(f"{source}: row {i}: cannot read {task.name} item ({type(err).__name__}: {err})") from None
+    return examples
+
+
+# ---------------------------------------------------------------- prompts
+
+def fold(text: str) -> str:
+    """Rationales live on one line: the blank line is the end-of-answer marker."""
+    return " ".join(text.split())
+
+
+def question_block(task: TaskSpec, ex: Example, rationale: bool) -> str:
+    if task.kind == "choice":
+        options = "\n".join(f"({letter}) {text}" for letter, text in zip(CHOICE_LETTERS, ex.choices or []))
+        return f"Question: {ex.question}\nAnswer Choices:\n{options}\nAnswer: "
+    return f"Question: {ex.question}\nReasoning: " if rationale else f"Question: {ex.question}\nAnswer: "
+
+
+def continuation(task: TaskSpec, ex: Example, rationale_text: str | None) -> str:
+    """Target text after the prompt: rationale + answer line (math, sqa) or the rationale alone (cqa)."""
+    if rationale_text is None:
+        return f"({ex.gold})" if task.kind == "choice" else ex.gold
+    if task.kind == "choice":
+        return fold(rationale_text)
+    return f"{fold(rationale_text)}\nAnswer: {ex.gold} "
+
+
+def build_prompt(task: TaskSpec, ex: Example, demos: str = "", rationale: bool = True) -> str:
+    return (demos + "\n" if demos else "") + question_block(task, ex, rationale)
+
+
+def demo_block(task: TaskSpec, ex: Example, rationale: bool) -> str:
+    rationale_text = ex.rationale if rationale else None
+    return question_block(task, ex, rationale) + continuation(task, ex, rationale_text).rstrip()
+
+
+def format_demos(blocks: list[str]) -> str:
+    return "\n\n".join(b.strip("\n") for b in blocks) + "\n" if blocks else ""
+
+
+def load_demos(task: TaskSpec, rationale: bool, fewshot_file: str | None = None,
+               train: list[Example] | None = None, seed: int = 0) -> str:
+    """Few-shot demos: a user file, else drawn from the train split, else our own file fewshot/<task>.txt."""
+    if fewshot_file:
+        path = Path(fewshot_file)
+        if not path.is_file():
+            raise UserError(f"--fewshot_file: {path} not found")
+        if path.suffix in (".json", ".jsonl"):
+            rows = read_jsonl(path) if path.suffix == ".jsonl" else read_json(path)
+            try:
+                exs = [Example(r["question"], str(r["answer"]), r.get("choices"), r.get("rationale")) for r in rows]
+            except (KeyError, TypeError):
+                raise UserError(f"--fewshot_file: {path}: each demo needs 'question' and 'answer'") from None
+            return format_demos([demo_block(task, ex, rationale) for ex in exs])
+        text = path.read_text(encoding="utf-8").strip("\n")
+        if not text:
+            raise UserError(f"--fewshot_file: {path} is empty")
+        return text + "\n"
+    usable = [ex for ex in (train or []) if ex.rationale or not rationale]
+    if len(usable) >= task.n_demos:
+        picks = random.Random(seed).sample(usable, task.n_demos)
+        return format_demos([demo_block(task, ex, rationale) for ex in picks])
+    own = FEWSHOT_DIR / f"{task.name}.txt"
+    if own.is_file():
+        blocks = own.read_text(encoding="utf-8").strip("\n").split("\n\n")
+        if not rationale:  # drop the reasoning line, keep question and answer
+            blocks = [_answer_only_block(task, b) for b in blocks]
+        return format_demos(blocks)
+    raise UserError(f"--fewshot: task {task.name} has no demos with rationales in its train split "
+                    f"and no {own}; pass --fewshot_file")
+
+
+def _answer_only_block(task: TaskSpec, block: str) -> str:
+    if task.kind == "choice":
+        letter = extract_choice(block.split("\nAnswer: ", 1)[-1])
+        return block.split("\nAnswer: ", 1)[0] + f"\nAnswer: ({letter})"
+    question = block.split("\nReasoning: ")[0]
+    answer = block.rsplit("\nAnswer: ", 1)[-1]
+    return f"{question}\nAnswer: {answer}"
+
+
+# ---------------------------------------------------------------- answer extraction
+
+_NUMBER = re.compile(r"-?\d+\.?\d*")
+
+
+def _numbers(text: str) -> list[str]:
+    return [n.rstrip(".") for n in _NUMBER.findall(text.replace(",", ""))]
+
+
+def cut_at_blank_line(text: str) -> str:
+    return text.split("\n\n", 1)[0]
+
+
+def extract_number(text: str, strict: bool = False) -> str | None:
+    """SPEC §3: after '\\nAnswer' (else 'Therefore, the answer is') the first number; else the last one.
+
+    strict: only the structured 'Answer:' line counts."""
+    text = cut_at_blank_line(text)
+    markers = ["\nAnswer"] if strict else ["\nAnswer", "Therefore, the answer is"]
+    for marker in markers:
+        if marker in text:
+            found = _numbers(text.split(marker, 1)[1])
+            return found[0] if found else None
+    if strict:
+        return None
+    found = _numbers(text)
+    return found[-1] if found else None
+
+
+_CHOICE = re.compile(r"\(([a-eA-E])\)")
+
+
+def extract_choice(text: str, strict: bool = False) -> str | None:
+    first_line = cut_at_blank_line(text).strip().split("\n", 1)[0]
+    if strict:
+        match = re.search(r"the answer is.*\(([a-eA-E])\)", first_line)
+        return match.group(1).lower() if match else None
+    found = _CHOICE.findall(first_line)
+    if found:
+        return found[-1].lower()
+    bare = re.fullmatch(r"\(?([a-eA-E])\)?[.\s]*", first_line.strip())
+    return bare.group(1).lower() if bare else None
+
+
+_YESNO = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
+
+
+def extract_yesno(text: str, strict: bool = False) -> str | None:
+    text = cut_at_blank_line(text)
+    if "\nAnswer" in text:
+        found = _YESNO.findall(text.split("\nAnswer", 1)[1])
+        return found[0].capitalize() if found else None
+    if strict:
+        return None
+    found = _YESNO.findall(text)
+    return found[-1].capitalize() if found else None
+
+
+def extract_answer(task: TaskSpec, generated: str, strict: bool = False, rationale: bool = True) -> str | None:
+    """Prediction from the generated continuation; None never matches a gold answer.
+
+    In answer-only mode the continuation *is* the answer line, so it is read as one."""
+    if not rationale and task.kind != "choice":
+        generated = "\nAnswer: " + generated
+    if task.kind == "math":
+        return extract_number(generated, strict)
+    if task.kind == "choice":
+        return extract_choice(generated, strict)
+    return extract_yesno(generated, strict)
+
+
+def answers_match(task: TaskSpec, prediction: str | None, gold: str) -> bool:
+    """Numeric comparison for math ('19.0' == '19'); exact letter / Yes-No otherwise."""
+    if prediction is None:
+        return False
+    if task.kind != "math":
+        return prediction.lower() == gold.lower()
+    try:
+        p, g = float(prediction), float(_number_text(gold))
+    except ValueError:
+        return prediction.strip() == gold.strip()
+    return abs(p - g) <= 1e-6 * max(1.0, abs(g))
+
+
+def grade(task: TaskSpec, generated: str, gold: str, rationale: bool = True) -> dict:
+    """Strict and flexible prediction and correctness of one generated continuation."""
+    flexible = extract_answer(task, generated, strict=False, rationale=rationale)
+    strict = extract_answer(task, generated, strict=True, rationale=rationale)
+    return {"prediction": flexible, "strict_prediction": strict,
+            "correct": answers_match(task, flexible, gold), "strict_correct": answers_match(task, strict, gold)}

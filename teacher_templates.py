@@ -1,0 +1,83 @@
+"""The teacher's prompts: one place, versioned by a hash of their text.
+
+Two request kinds: `annotate` (question + gold answer -> a rationale) and `feedback`
+(question + the student's wrong rationale + gold answer -> a correct rationale that deals
+with that mistake). The wording is our own. Any edit here changes `template_hash`, which
+goes into every request key, so a re-run after an edit asks the teacher again instead of
+reusing answers to the old prompt.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from tasks import CHOICE_LETTERS, Example, TaskSpec
+
+SYSTEM = (
+    "You are a patient teacher who writes short, correct worked solutions for a student model. "
+    "Write one paragraph of plain prose, with no lists, headings or line breaks."
+)
+
+# How the last sentence must look, per task kind (SPEC §2): the student learns this exact shape.
+FINAL_SENTENCE = {
+    "math": "End with the sentence \"Therefore, the answer is <number>.\" using the number only.",
+    "yesno": "End with the sentence \"Therefore, the answer is yes.\" or \"Therefore, the answer is no.\"",
+    "choice": "End with the sentence \"Therefore, the answer is <choice text> (<letter>).\"",
+}
+
+ANNOTATE = """Solve the question below step by step. Show each calculation or fact you use, then state the result.
+{final_sentence}
+
+Question: {question}{choices}
+Correct answer: {answer}
+
+Write the reasoning that leads to the correct answer."""
+
+FEEDBACK = """A student tried the question below and went wrong. Read the student's attempt, find its first mistake, and say in one sentence what was wrong and what it should have been. Then solve the question correctly step by step, in the same paragraph.
+{final_sentence}
+
+Question: {question}{choices}
+Student's attempt: {wrong}
+Correct answer: {answer}
+
+Write your reply as one paragraph."""
+
+TEMPLATES = {"annotate": ANNOTATE, "feedback": FEEDBACK}
+
+
+@dataclass(frozen=True)
+class Prompt:
+    kind: str
+    messages: list[dict]
+    template_hash: str
+
+
+def template_hash(kind: str) -> str:
+    """Short sha256 of everything that shapes the prompt of this kind."""
+    text = "\n---\n".join([SYSTEM, *FINAL_SENTENCE.values(), TEMPLATES[kind]])
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+
+
+def gold_text(task: TaskSpec, ex: Example) -> str:
+    """The gold answer as the teacher should write it: cqa as '<text> (<letter>)'."""
+    if task.kind == "choice" and ex.choices:
+        return f"{ex.choices[CHOICE_LETTERS.index(ex.gold)]} ({ex.gold})"
+    if task.kind == "yesno":
+        return ex.gold.lower()
+    return ex.gold
+
+
+def _choices_block(task: TaskSpec, ex: Example) -> str:
+    if task.kind != "choice" or not ex.choices:
+        return ""
+    return "\nAnswer Choices: " + " ".join(f"({l}) {t}" for l, t in zip(CHOICE_LETTERS, ex.choices))
+
+
+def render(kind: str, task: TaskSpec, ex: Example, wrong: str | None = None) -> Prompt:
+    if kind not in TEMPLATES:
+        raise ValueError(f"unknown request kind {kind!r}")
+    user = TEMPLATES[kind].format(final_sentence=FINAL_SENTENCE[task.kind], question=ex.question,
+                                  choices=_choices_block(task, ex), answer=gold_text(task, ex),
+                                  wrong=" ".join((wrong or "").split()))
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
+    return Prompt(kind, messages, template_hash(kind))

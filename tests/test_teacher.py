@@ -1,0 +1,347 @@
+"""Teacher: offline backend, reply filter, journal, and the real openai client against a fake server."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import args as args_mod  # noqa: E402
+import query_teacher  # noqa: E402
+import tasks  # noqa: E402
+import teacher  # noqa: E402
+import wordmath  # noqa: E402
+from common import UserError  # noqa: E402
+from fake_openai_server import FakeOpenAIServer  # noqa: E402
+
+SECRET = "sk-test-DO-NOT-LEAK-0123456789abcdef"
+
+
+# ---------------------------------------------------------------- helpers (also used by test_teacher_resume.py)
+
+def make_data_dir(root: Path, n: int = 8, seed: int = 3) -> Path:
+    """A tmp data_dir holding wordmath/train.jsonl with n generated problems."""
+    data_dir = root / "data"
+    (data_dir / "wordmath").mkdir(parents=True, exist_ok=True)
+    rows = wordmath.generate(n, seed=seed)
+    (data_dir / "wordmath" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return data_dir
+
+
+def teacher_argv(data_dir: Path, out: Path, *extra: str) -> list[str]:
+    return ["--task", "wordmath", "--data_dir", str(data_dir), "--output_dir", str(out), *extra]
+
+
+def openai_argv(server: FakeOpenAIServer, data_dir: Path, out: Path, *extra: str) -> list[str]:
+    return teacher_argv(data_dir, out, "--backend", "openai", "--base_url", server.url, "--backoff_base", "0.01",
+                        "--request_timeout", "5", *extra)
+
+
+def collect(argv: list[str]) -> dict:
+    return teacher.run_collection(args_mod.parse(args_mod.TeacherArguments, argv))
+
+
+def read_data(out: Path) -> dict:
+    return json.loads((out / "teacher_data.json").read_text())
+
+
+def journal_lines(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "journal.jsonl").read_text().splitlines()]
+
+
+def assert_no_secret(out: Path, *texts: str) -> None:
+    for path in out.rglob("*") if out.exists() else []:
+        if path.is_file():
+            assert SECRET not in path.read_text(errors="replace"), path
+    for text in texts:
+        assert SECRET not in text
+
+
+@pytest.fixture
+def server():
+    with FakeOpenAIServer() as s:
+        yield s
+
+
+@pytest.fixture
+def with_key(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+
+
+# ---------------------------------------------------------------- offline backend
+
+GOLD = "Zoe starts with 4 stamps. She gets 8 more, so 4 + 8 = 12. She gives away 4, so 12 - 4 = 8. She gets 7 more, so 8 + 7 = 15."
+
+
+@pytest.mark.parametrize("wrong, expected", [
+    ("Zoe has 4. 4 + 8 = 13. 13 - 4 = 9. 9 + 7 = 16. Therefore, the answer is 16.",
+     "The step 4 + 8 = 13 is wrong: 4 + 8 = 12."),
+    ("Zoe has 4. 4 + 8 = 12. 12 + 4 = 16. 16 + 7 = 23. Therefore, the answer is 23.",
+     "The step 12 + 4 = 16 is wrong: it should be 12 - 4 = 8."),
+    ("Zoe has 5. 5 + 8 = 13. 13 - 4 = 9. Therefore, the answer is 9.",
+     "The step 5 + 8 = 13 should start from 4: 4 + 8 = 12."),
+    ("4 + 8 = 12. 12 - 4 = 8. Therefore, the answer is 8.",
+     "The steps shown are right, but they stop too early, so the final answer 8 is wrong."),
+    ("She has many stamps. Therefore, the answer is 7.", "The final answer 7 is wrong; the correct answer is 15."),
+    ("I do not know.", "The final answer is wrong; the correct answer is 15."),
+])
+def test_feedback_names_first_wrong_step(wrong, expected):
+    assert teacher.diagnose(wrong, GOLD, tasks.get_task("wordmath"), "15") == expected
+
+
+def test_parse_equations_handles_gsm_style():
+    found = teacher.parse_equations("It costs $1,200 x 3 = $3,600, then 2 + 3 * 4 = 14 and 7 / 2 = 3.5.")
+    assert [(e.lhs, e.claimed, e.value) for e in found] == [
+        ("$1200 x 3", 3600.0, 3600.0), ("2 + 3 * 4", 14.0, 14.0), ("7 / 2", 3.5, 3.5)]
+
+
+def test_offline_annotate_is_deterministic_with_distinct_variants(tmp_path):
+    data_dir = make_data_dir(tmp_path, n=10)
+    argv = ["--backend", "offline", "--num_samples", "3", "--offline_error_rate", "0"]
+    collect(teacher_argv(data_dir, tmp_path / "a", *argv))
+    collect(teacher_argv(data_dir, tmp_path / "b", *argv))
+    a, b = read_data(tmp_path / "a"), read_data(tmp_path / "b")
+    assert a == b and len(a) == 10
+    gold = {ex.question: ex.gold for ex in tasks.load_split("wordmath", "train", str(data_dir))}
+    for question, rationales in a.items():
+        assert len(set(rationales)) == 3  # distinct positives for the triplet loss
+        for r in rationales:
+            assert "\n" not in r and r.endswith(f"Therefore, the answer is {gold[question]}.")
+
+
+def test_offline_error_rate_feeds_the_filter(tmp_path, capsys):
+    data_dir = make_data_dir(tmp_path, n=20)
+    summary = collect(teacher_argv(data_dir, tmp_path / "o", "--backend", "offline", "--num_samples", "4",
+                                   "--offline_error_rate", "0.3"))
+    rejected = summary["samples"]["rejected_by_reason"]
+    assert rejected.get("wrong_answer", 0) > 0
+    assert summary["samples"]["kept"] + summary["samples"]["rejected"] == 80
+    rows = [json.loads(line) for line in (tmp_path / "o" / "teacher_provenance.jsonl").read_text().splitlines()]
+    assert {r["reason"] for r in rows} <= {"kept", "wrong_answer", "duplicate"}
+    assert all(r["template_hash"] and r["request_key"] and r["backend"] == "offline" for r in rows)
+    assert "kept" in capsys.readouterr().out
+
+
+def test_offline_feedback_mode(tmp_path):
+    data_dir = make_data_dir(tmp_path, n=4)
+    examples = tasks.load_split("wordmath", "train", str(data_dir))
+    ex = examples[1]
+    first = teacher.parse_equations(ex.rationale)[0]
+    wrong = f"{first.lhs} = {int(first.claimed) + 1}. Therefore, the answer is {int(first.claimed) + 1}."
+    student_wrong = tmp_path / "student_wrong.json"
+    student_wrong.write_text(json.dumps({ex.question: [wrong, wrong + " ", "Therefore, the answer is 0."]}))
+    out = tmp_path / "fb"
+    summary = collect(teacher_argv(data_dir, out, "--backend", "offline", "--mode", "feedback",
+                                   "--student_wrong", str(student_wrong), "--offline_error_rate", "0",
+                                   "--max_wrong_per_question", "1"))
+    assert summary["requests"]["total"] == 1  # duplicates folded, then capped at 1 per question
+    data = read_data(out)
+    assert list(data) == [ex.question]
+    for r in data[ex.question]:
+        assert r.startswith(f"The step {wrong.split('.')[0]} is wrong: {first.lhs} = {int(first.claimed)}.")
+        assert r.endswith(f"Therefore, the answer is {ex.gold}.")
+
+
+def test_offline_needs_gold_rationales(tmp_path):
+    data_dir = tmp_path / "data"
+    (data_dir / "sqa").mkdir(parents=True)
+    (data_dir / "sqa" / "train.jsonl").write_text(json.dumps({"question": "Is ice cold?", "answer": True}) + "\n")
+    with pytest.raises(UserError, match="gold rationale"):
+        collect(["--task", "sqa", "--data_dir", str(data_dir), "--output_dir", str(tmp_path / "o"),
+                 "--backend", "offline"])
+    assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------- filter and journal
+
+@pytest.mark.parametrize("task, text, gold, expected", [
+    ("wordmath", "", "5", (None, "empty")),
+    ("wordmath", "2 + 3 = 5.\nTherefore, the answer is 5.\n\nAnswer: 5", "5",
+     ("2 + 3 = 5. Therefore, the answer is 5.", "kept")),
+    ("wordmath", "So it is 5.", "5", ("So it is 5.", "no_final_sentence")),
+    ("wordmath", "Therefore, the answer is 6.", "5", ("Therefore, the answer is 6.", "wrong_answer")),
+    ("wordmath", "Half is 2.5. Therefore, the answer is 2.5. Done.", "2.5",
+     ("Half is 2.5. Therefore, the answer is 2.5.", "kept")),
+    ("cqa", "Ice is cold. Therefore, the answer is ice cream (b).", "b",
+     ("Ice is cold. Therefore, the answer is ice cream (b).", "kept")),
+    ("sqa", "Ice melts. Therefore, the answer is no.", "No", ("Ice melts. Therefore, the answer is no.", "kept")),
+])
+def test_judge(task, text, gold, expected):
+    assert teacher.judge(tasks.get_task(task), text, gold) == expected
+
+
+def test_journal_ignores_and_repairs_truncated_tail(tmp_path):
+    path = tmp_path / "journal.jsonl"
+    path.write_text('{"key": "a", "texts": []}\n{"key": "b", "texts": []}\n{"key": "c", "tex')
+    journal = teacher.Journal(path)
+    assert set(journal.load()) == {"a", "b"}
+    journal.append({"key": "d", "texts": []})
+    journal.close()
+    assert [json.loads(line)["key"] for line in path.read_text().splitlines()] == ["a", "b", "d"]
+
+
+def test_retry_delay_honours_retry_after():
+    policy, rng = teacher.RetryPolicy(max_retries=3, base_delay=0.1), random.Random(0)
+    assert 2.0 <= policy.delay(0, 2.0, rng) <= 2.4
+    assert all(0.05 * 2 ** a <= policy.delay(a, None, rng) <= 0.1 * 2 ** a for a in range(4))
+
+
+# ---------------------------------------------------------------- openai backend against the fake server
+
+def test_faults_are_retried_and_key_is_sent_but_never_written(tmp_path, server, with_key, capfd):
+    data_dir = make_data_dir(tmp_path, n=6)
+    server.inject("429", "500", "malformed", "slow", "500")
+    server.slow_s = 1.5
+    out = tmp_path / "o"
+    summary = collect(openai_argv(server, data_dir, out, "--concurrency", "2", "--request_timeout", "0.5"))
+    assert summary["requests"] == {"total": 6, "from_journal": 0, "new": 6, "failed": 0, "not_run": 0}
+    assert summary["samples"]["kept"] == 12 and summary["samples"]["questions_with_data"] == 6
+    assert server.attempts == 6 + 5 and server.completed >= 6
+    assert server.auth_headers and all(h == f"Bearer {SECRET}" for h in server.auth_headers)
+    records = journal_lines(out)
+    assert len(records) == 6 and all(r["usage"]["prompt_tokens"] > 0 for r in records)
+    assert sum(r["attempts"] for r in records) == 11
+    assert summary["cost_usd"]["this_run"] > 0  # gpt-3.5-turbo has a built-in price
+    captured = capfd.readouterr()
+    assert "retry" in captured.err
+    assert_no_secret(out, captured.out, captured.err)
+
+
+def test_rate_limit_waits_for_retry_after(tmp_path, server, with_key):
+    data_dir = make_data_dir(tmp_path, n=1)
+    server.retry_after = 0.4
+    server.inject("429")
+    started = time.time()
+    summary = collect(openai_argv(server, data_dir, tmp_path / "o"))
+    assert time.time() - started >= 0.4 and summary["samples"]["kept"] == 2
+
+
+def test_rerun_makes_no_requests(tmp_path, server, with_key, capsys):
+    data_dir = make_data_dir(tmp_path, n=5)
+    out = tmp_path / "o"
+    collect(openai_argv(server, data_dir, out))
+    first = read_data(out)
+    server.reset_counts()
+    summary = collect(openai_argv(server, data_dir, out))
+    assert server.attempts == 0 and summary["requests"]["new"] == 0 and summary["requests"]["from_journal"] == 5
+    assert read_data(out) == first and len(journal_lines(out)) == 5
+    # A different template/params is a different request: n=3 asks again.
+    collect(openai_argv(server, data_dir, out, "--num_samples", "3"))
+    assert server.attempts == 5
+
+
+def test_cqa_and_sqa_formats(tmp_path, server, with_key):
+    data_dir = tmp_path / "data"
+    (data_dir / "cqa").mkdir(parents=True)
+    (data_dir / "sqa").mkdir(parents=True)
+    choices = {"label": list("ABCDE"), "text": ["bed", "ice cream", "car", "tree", "lake"]}
+    (data_dir / "cqa" / "train.jsonl").write_text(
+        json.dumps({"question": "What is cold and sweet?", "choices": choices, "answerKey": "B"}) + "\n")
+    (data_dir / "sqa" / "train.jsonl").write_text(json.dumps({"question": "Is fire cold?", "answer": False}) + "\n")
+    for task, ending in [("cqa", "Therefore, the answer is ice cream (b)."), ("sqa", "Therefore, the answer is no.")]:
+        out = tmp_path / task
+        collect(["--task", task, "--data_dir", str(data_dir), "--output_dir", str(out), "--base_url", server.url])
+        data = read_data(out)
+        assert len(data) == 1 and all(r.endswith(ending) for r in next(iter(data.values())))
+
+
+def test_max_requests_stops_cleanly_and_resumes(tmp_path, server, with_key, capsys):
+    data_dir = make_data_dir(tmp_path, n=8)
+    out = tmp_path / "o"
+    summary = collect(openai_argv(server, data_dir, out, "--max_requests", "3", "--concurrency", "2"))
+    assert summary["stopped_early"] and "--max_requests 3" in summary["stop_reason"]
+    assert summary["requests"]["new"] == 3 and summary["requests"]["not_run"] == 5
+    assert len(read_data(out)) == 3 and json.loads((out / "summary.json").read_text())["stopped_early"]
+    assert "STOPPED EARLY" in capsys.readouterr().err
+    server.reset_counts()
+    summary = collect(openai_argv(server, data_dir, out))
+    assert server.completed == 5 and not summary["stopped_early"] and len(read_data(out)) == 8
+
+
+def test_max_cost_stops_before_passing_the_budget(tmp_path, server, with_key):
+    data_dir = make_data_dir(tmp_path, n=8)
+    # 1000 USD per 1M tokens: a request (~120 prompt + 2 x 150 completion tokens) costs about 0.4
+    summary = collect(openai_argv(server, data_dir, tmp_path / "o", "--prompt_price_per_1m", "1000",
+                                  "--completion_price_per_1m", "1000", "--max_cost", "1.0", "--concurrency", "1"))
+    assert summary["stopped_early"] and "--max_cost" in summary["stop_reason"]
+    assert 0 < summary["requests"]["new"] < 8 and summary["cost_usd"]["this_run"] <= 1.0
+
+
+def test_dry_run_sends_and_writes_nothing(tmp_path, server, capsys, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    data_dir = make_data_dir(tmp_path, n=5)
+    out = tmp_path / "o"
+    summary = collect(teacher_argv(data_dir, out, "--dry_run"))  # the real OpenAI URL: no key needed to estimate
+    assert summary["dry_run"]["new_requests"] == 5 and summary["dry_run"]["est_cost_usd"] > 0
+    assert server.attempts == 0 and not out.exists()
+    assert "no request was made" in capsys.readouterr().out
+
+
+def test_empty_replies_are_counted_rejections(tmp_path, server, with_key):
+    data_dir = make_data_dir(tmp_path, n=3)
+    empty_question = tasks.load_split("wordmath", "train", str(data_dir))[0].question
+    server.always[empty_question] = "empty"
+    summary = collect(openai_argv(server, data_dir, tmp_path / "o"))
+    assert summary["samples"]["rejected_by_reason"] == {"empty": 2}
+    assert empty_question not in read_data(tmp_path / "o") and len(read_data(tmp_path / "o")) == 2
+
+
+def test_bad_key_stops_without_output(tmp_path, server, with_key):
+    data_dir = make_data_dir(tmp_path, n=3)
+    server.always["Question:"] = "401"
+    with pytest.raises(UserError, match="401"):
+        collect(openai_argv(server, data_dir, tmp_path / "o"))
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_key_for_a_real_server_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    data_dir = make_data_dir(tmp_path, n=2)
+    with pytest.raises(UserError, match="OPENAI_API_KEY is not set"):
+        collect(teacher_argv(data_dir, tmp_path / "o", "--base_url", "https://api.example.com/v1"))
+    assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------- the CLI on bad input
+
+def run_cli(monkeypatch, argv: list[str]) -> int:
+    monkeypatch.setattr(sys, "argv", ["query_teacher.py", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        query_teacher.main()
+    return exit_info.value.code
+
+
+def test_cli_missing_student_wrong_file(tmp_path, monkeypatch, capsys):
+    data_dir = make_data_dir(tmp_path, n=2)
+    code = run_cli(monkeypatch, teacher_argv(data_dir, tmp_path / "o", "--backend", "offline", "--mode", "feedback",
+                                             "--student_wrong", str(tmp_path / "nope.json")))
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and "nope.json" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_question_not_in_split(tmp_path, monkeypatch, capsys):
+    data_dir = make_data_dir(tmp_path, n=2)
+    known = tasks.load_split("wordmath", "train", str(data_dir))[0].question
+    student_wrong = tmp_path / "sw.json"
+    student_wrong.write_text(json.dumps({known: ["Therefore, the answer is 0."], "Who am I?": ["x"]}))
+    argv = teacher_argv(data_dir, tmp_path / "o", "--backend", "offline", "--mode", "feedback",
+                        "--student_wrong", str(student_wrong))
+    assert run_cli(monkeypatch, argv) == 2
+    assert "'Who am I?'" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    summary = collect(argv + ["--skip_unknown_questions"])
+    assert summary["unknown_questions_skipped"] == 1 and list(read_data(tmp_path / "o")) == [known]
+
+
+def test_cli_bad_flag_value(tmp_path, monkeypatch, capsys):
+    assert run_cli(monkeypatch, ["--concurrency", "0", "--output_dir", str(tmp_path / "o")]) == 2
+    assert "--concurrency" in capsys.readouterr().err and not (tmp_path / "o").exists()

@@ -81,8 +81,99 @@ class ExamArguments(ModelArguments):
     note: str = field(default="", metadata={"help": "Free text, also names the default output folder."})
 
 
-# ---------------------------------------------------------------- teacher (query_teacher.py, teacher.run_collection)
+@dataclass
+class TrainArguments(ModelArguments):
+    """Flags of the original README's training command, with its defaults (SPEC §5)."""
+    teacher_data: str | None = field(default=None, metadata={"help": "Teacher rationales {question: [rationale, ...]}; without it: answer-only training on gold answers."})
+    teacher_data_random: bool = field(default=False, metadata={"help": "Train on one randomly chosen teacher rationale per question instead of all."})
+    epoch: float = field(default=10, metadata={"help": "Training epochs."})
+    max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimizer steps (overrides --epoch when > 0)."})
+    train_bsz: int = field(default=2, metadata={"help": "Training batch size per process."})
+    eval_bsz: int = field(default=16, metadata={"help": "Generation batch size of the per-epoch evaluation."})
+    grad_accum: int = field(default=1, metadata={"help": "Gradient accumulation steps."})
+    lr: float = field(default=7e-6, metadata={"help": "Learning rate (constant after warm-up)."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
+    warmup_steps: int = field(default=100, metadata={"help": "Linear warm-up steps."})
+    max_length: int = field(default=1024, metadata={"help": "Longest training sequence in tokens (prompt truncated from the left)."})
+    deepspeed: str | None = field(default=None, metadata={"help": "DeepSpeed config, e.g. ds_stage3_config.json (ZeRO-3)."})
+    contrastive: bool = field(default=False, metadata={"help": "Add the self-reflection triplet loss."})
+    cl_pos_path: str | None = field(default=None, metadata={"help": "Positives: teacher rationales {question: [...]}."})
+    cl_neg_path: str | None = field(default=None, metadata={"help": "Negatives: the student's wrong rationales {question: [...]}."})
+    cl_pos_num: int = field(default=10, metadata={"help": "At most this many positives per question."})
+    cl_neg_num: int = field(default=4, metadata={"help": "At most this many negatives per question."})
+    cl_p: float = field(default=1.0, metadata={"help": "Triplet margin."})
+    cl_ratio: float = field(default=0.5, metadata={"help": "Weight of the triplet loss."})
+    cl_repr: str = field(default="last", metadata={"help": "Sequence representation: last (last token) or pool (mean)."})
+    merge_losses: bool = field(default=True, metadata={"help": "One backward pass on LM + triplet loss (no: two passes, lower peak memory)."})
+    mle: str = field(default="weight", metadata={"help": "LM loss: weight (prompt tokens x mle_w), hf (plain mean), nograd (continuation only), no."})
+    mle_w: float = field(default=0.1, metadata={"help": "Weight of prompt tokens in --mle weight."})
+    do_eval: bool = field(default=False, metadata={"help": "Accuracy by generation after every epoch."})
+    eval_split: str = field(default="test", metadata={"help": "Split evaluated by --do_eval (the original used test)."})
+    eval_limit: int | None = field(default=None, metadata={"help": "Evaluate only the first N items."})
+    save_best: int = field(default=0, metadata={"help": "K > 0: keep only the K most accurate epoch checkpoints (needs --do_eval); 0: keep all."})
+    output_dir: str | None = field(default=None, metadata={"help": "Default: checkpoints/student_train/<task>[_<note>]."})
+    resume: bool = field(default=False, metadata={"help": "Continue from the last checkpoint in --output_dir."})
+    logging_steps: int = field(default=10, metadata={"help": "Log every N steps (TensorBoard under <output_dir>/runs)."})
+    wandb: bool = field(default=False, metadata={"help": "Also log to Weights & Biases."})
+    note: str = field(default="", metadata={"help": "Free text; names the default output folder."})
 
+    def __post_init__(self):
+        if self.contrastive and not (self.cl_pos_path and self.cl_neg_path):
+            raise UserError("--contrastive yes needs both --cl_pos_path and --cl_neg_path")
+        if self.mle not in ("weight", "hf", "nograd", "no"):
+            raise UserError(f"--mle must be one of weight, hf, nograd, no; got {self.mle!r}")
+        if self.cl_repr not in ("last", "pool"):
+            raise UserError(f"--cl_repr must be last or pool, got {self.cl_repr!r}")
+        if self.save_best > 0 and not self.do_eval:
+            raise UserError("--save_best K > 0 ranks checkpoints by accuracy: it needs --do_eval yes")
+        if self.train_bsz < 1 or self.grad_accum < 1:
+            raise UserError("--train_bsz and --grad_accum must be at least 1")
+
+
+@dataclass
+class RoundsArguments:
+    """The round driver. Defaults run the embedded demo: wordmath, the offline teacher, a tiny student, CPU."""
+    task: str = field(default="wordmath", metadata={"help": "Task (see tasks.py)."})
+    data_dir: str = field(default="localdataset", metadata={"help": "Dataset root."})
+    student: str = field(default="checkpoints/wordmath-student", metadata={"help": "Round-0 student (hub name or folder). The embedded one is built if missing."})
+    workdir: str = field(default="runs/demo", metadata={"help": "One folder per round inside, plus rounds.json and rounds.png."})
+    rounds: int = field(default=2, metadata={"help": "Number of rounds."})
+    start_round: int = field(default=1, metadata={"help": "Skip rounds before this one (their manifests must exist)."})
+    device: str = field(default="cpu", metadata={"help": "Passed to every stage: cpu or GPU ids 0,1,..."})
+    fewshot: bool = field(default=False, metadata={"help": "Few-shot demos in every prompt."})
+    seed: int = field(default=42, metadata={"help": "Seed of every stage."})
+    backend: str = field(default="offline", metadata={"help": "Teacher backend: offline (embedded tasks) or openai."})
+    teacher_model: str = field(default="gpt-3.5-turbo", metadata={"help": "Teacher model for the openai backend."})
+    base_url: str | None = field(default=None, metadata={"help": "OpenAI-compatible server URL (key from OPENAI_API_KEY)."})
+    teacher_samples: int = field(default=2, metadata={"help": "Rationales per teacher request."})
+    max_cost: float | None = field(default=None, metadata={"help": "Teacher spend limit (USD) per stage."})
+    keep_previous_data: bool = field(default=True, metadata={"help": "Round r >= 2 also trains on the earlier rounds' teacher data and negatives."})
+    exam_limit: int | None = field(default=600, metadata={"help": "Questions of the train split in each exam and the round-1 annotation (None: all)."})
+    exam_batch: int = field(default=32, metadata={"help": "Exam prompts per batch."})
+    sample_num: int = field(default=4, metadata={"help": "Exam samples per question."})
+    exam_max_new_tokens: int = field(default=96, metadata={"help": "Exam tokens per sample."})
+    epoch: float = field(default=2, metadata={"help": "Training epochs per round."})
+    max_steps: int = field(default=-1, metadata={"help": "Cap on training steps per round."})
+    train_bsz: int = field(default=16, metadata={"help": "Training batch size per process."})
+    lr: float = field(default=1e-3, metadata={"help": "Learning rate (the tiny student wants a large one; GPT-J used 7e-6)."})
+    warmup_steps: int = field(default=20, metadata={"help": "Warm-up steps."})
+    contrastive: bool = field(default=True, metadata={"help": "Self-reflection triplet loss."})
+    cl_ratio: float = field(default=0.5, metadata={"help": "Weight of the triplet loss."})
+    bf16: bool = field(default=False, metadata={"help": "Train in bf16."})
+    deepspeed: str | None = field(default=None, metadata={"help": "DeepSpeed config for training, e.g. ds_stage3_config.json."})
+    eval_split: str = field(default="test", metadata={"help": "Split evaluated after each round."})
+    eval_limit: int | None = field(default=None, metadata={"help": "Evaluate only the first N items."})
+    eval_batch: int = field(default=64, metadata={"help": "Evaluation batch size."})
+    warm_steps: int = field(default=600, metadata={"help": "Embedded student only: warm-start steps when it is built."})
+
+    def __post_init__(self):
+        if self.rounds < 1 or not 1 <= self.start_round <= self.rounds:
+            raise UserError("--rounds must be >= 1 and --start_round within 1..rounds")
+        if self.backend not in ("offline", "openai"):
+            raise UserError(f"--backend must be offline or openai, got {self.backend!r}")
+
+
+# ---------------------------------------------------------------- teacher (query_teacher.py, teacher.run_collection)
 @dataclass
 class TeacherArguments:
     mode: str = field(default="annotate", metadata={"help": "annotate: rationales for a whole split; feedback: "

@@ -28,10 +28,10 @@ class StudentArguments:
     n_layer: int = field(default=4, metadata={"help": "Transformer layers."})
     n_embd: int = field(default=128, metadata={"help": "Hidden size."})
     n_head: int = field(default=4, metadata={"help": "Attention heads."})
-    warm_steps: int = field(default=300, metadata={"help": "Warm-start optimizer steps (0: random weights)."})
+    warm_steps: int = field(default=600, metadata={"help": "Warm-start optimizer steps (0: random weights)."})
     warm_examples: int = field(default=1000, metadata={"help": "Train problems used by the warm start."})
     batch_size: int = field(default=32, metadata={"help": "Warm-start batch size."})
-    lr: float = field(default=2e-3, metadata={"help": "Warm-start peak learning rate."})
+    lr: float = field(default=4e-3, metadata={"help": "Warm-start peak learning rate."})
     seed: int = field(default=0, metadata={"help": "Seed for weights and batches."})
     force: bool = field(default=False, metadata={"help": "Rebuild even if --out already holds a student built with these settings."})
 

@@ -83,14 +83,14 @@ def read_jsonl(path: str | os.PathLike, what: str = "file") -> list[dict]:
     return rows
 
 
-_SECRET_NAME = re.compile(r"(key|token|secret|password|passwd|auth)", re.IGNORECASE)
+_SECRET_NAME = re.compile(r"(api_?key|secret|password|passwd|auth|(^|_)token)$", re.IGNORECASE)
 _SECRET_VALUE = re.compile(r"\b(sk-[A-Za-z0-9_\-]{8,}|hf_[A-Za-z0-9]{8,})")
 
 
 def redact(obj: Any) -> Any:
     """Copy of a config with anything that looks like a credential replaced, for files and logs."""
     if isinstance(obj, dict):
-        return {k: ("<redacted>" if _SECRET_NAME.search(str(k)) and v not in (None, "", False)
+        return {k: ("<redacted>" if _SECRET_NAME.search(str(k)) and isinstance(v, str) and v
                     else redact(v)) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [redact(v) for v in obj]

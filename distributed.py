@@ -13,6 +13,9 @@ import sys
 
 import torch
 
+if not torch.cuda.is_available():  # DeepSpeed would otherwise warn on every import that it fell back to CPU
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
 
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))

@@ -225,7 +225,9 @@ def compute_tailored_loss(model: torch.nn.Module, batch: dict, cfg: LossConfig) 
         if not cfg.contrastive:
             return lm, {"lm_loss": lm.detach()}
         anchor_hidden = full["hidden"][:, width:]
-        cache = reuse_prefix_cache(_output_cache(out), width, 2) or prefix_cache(model, batch, 2)
+        cache = reuse_prefix_cache(_output_cache(out), width, 2)
+        if cache is None:
+            cache = prefix_cache(model, batch, 2)
         del out, full
         contrast_ids, contrast_mask = batch["contrast_ids"], batch["contrast_mask"]
         with final_hidden(model) as contrast:

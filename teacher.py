@@ -22,7 +22,7 @@ import re
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlparse
@@ -36,6 +36,7 @@ OFFLINE_MODEL = "offline-v1"  # bump when the offline teacher's output changes: 
 LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1", "0.0.0.0"}
 CHARS_PER_TOKEN = 4           # rough token estimate for dry runs and the offline backend
 MAX_BACKOFF_S = 60.0
+OUTPUT_FILES = ("teacher_data.json", "teacher_provenance.jsonl", "summary.json", "journal.jsonl")
 
 
 # ---------------------------------------------------------------- requests
@@ -255,7 +256,7 @@ class OpenAITeacher:
             self._raise_for_status(err)
         except (openai.APIConnectionError, openai.APIResponseValidationError) as err:  # incl. timeouts
             raise RetryableError(f"{type(err).__name__}: {err}") from None
-        except (json.JSONDecodeError, ValueError, TypeError, AttributeError) as err:
+        except ValueError as err:  # a 200 whose body is not JSON (json.JSONDecodeError)
             raise RetryableError(f"malformed reply ({type(err).__name__})") from None
         return self._reply(response)
 
@@ -403,7 +404,9 @@ class OfflineTeacher:
         pool = _variants(request.kind)
         picks = rng.sample(range(len(pool)), min(self._n, len(pool)))
         picks += [rng.randrange(len(pool)) for _ in range(self._n - len(picks))]
-        prefix = diagnose(request.wrong or "", ex.rationale or "", self.task, ex.gold) if request.kind == "feedback" else ""
+        prefix = ""
+        if request.kind == "feedback":
+            prefix = diagnose(request.wrong or "", ex.rationale or "", self.task, ex.gold)
         texts = []
         for i in picks:
             opener, connector = pool[i]
@@ -549,7 +552,7 @@ class Collector:
 
 # ---------------------------------------------------------------- judging teacher replies
 
-_FINAL = re.compile(r"Therefore, the answer is .*?\.(?=\s|$)")
+_FINAL = re.compile(r"Therefore, the answer is .*?(?:\.(?=\s|$)|$)")
 
 
 def judge(task: TaskSpec, text: str, gold: str) -> tuple[str | None, str]:
@@ -561,6 +564,8 @@ def judge(task: TaskSpec, text: str, gold: str) -> tuple[str | None, str]:
     if final is None:
         return paragraph, "no_final_sentence"
     rationale = paragraph[: final.end()]
+    if not rationale.endswith("."):
+        rationale += "."  # the student learns one shape of final sentence
     predicted = tasks.extract_answer(task, rationale)
     if predicted is None:
         return rationale, "no_answer"
@@ -577,14 +582,14 @@ class Outputs:
 
 
 def build_outputs(task: TaskSpec, requests: list[Request], records: dict[str, dict],
-                  failures: dict[str, str]) -> Outputs:
+                  failures: dict[str, str], backend: Backend) -> Outputs:
     """Teacher data in request order (dataset order), so it is the same however the run went."""
     data: dict[str, list[str]] = {}
     provenance, reasons = [], {}
     for request in requests:
         record = records.get(request.key)
         base = {"question": request.example.question, "kind": request.kind, "request_key": request.key,
-                "template_hash": request.prompt.template_hash}
+                "template_hash": request.prompt.template_hash, "backend": backend.name, "model": backend.model}
         if request.wrong is not None:
             base["student_rationale"] = request.wrong
         if record is None:
@@ -600,8 +605,7 @@ def build_outputs(task: TaskSpec, requests: list[Request], records: dict[str, di
                 kept_list.append(rationale)
             else:
                 reasons[reason] = reasons.get(reason, 0) + 1
-            provenance.append({**base, "rationale": rationale, "kept": reason == "kept", "reason": reason,
-                               "backend": record["backend"], "model": record["model"]})
+            provenance.append({**base, "rationale": rationale, "kept": reason == "kept", "reason": reason})
     data = {q: r for q, r in data.items() if r}
     kept = sum(len(r) for r in data.values())
     counts = {"kept": kept, "rejected": sum(reasons.values()), "rejected_by_reason": dict(sorted(reasons.items())),
@@ -634,7 +638,8 @@ def load_student_wrong(path: str | None, examples: list[Example], skip_unknown: 
     return pairs, unknown
 
 
-def build_requests(task: TaskSpec, backend: Backend, jobs: list[tuple[Example, str | None]], kind: str) -> list[Request]:
+def build_requests(task: TaskSpec, backend: Backend, jobs: list[tuple[Example, str | None]],
+                   kind: str) -> list[Request]:
     requests, seen = [], set()
     for ex, wrong in jobs:
         prompt = render(kind, task, ex, wrong)
@@ -647,6 +652,16 @@ def build_requests(task: TaskSpec, backend: Backend, jobs: list[tuple[Example, s
 
 # ---------------------------------------------------------------- entry point
 
+def scrub_strings(obj):
+    """common.redact on every string; numbers stay (redact hides any value under a key like
+    'max_tokens', and the summary's token counts are no secret)."""
+    if isinstance(obj, dict):
+        return {k: scrub_strings(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [scrub_strings(v) for v in obj]
+    return redact(obj) if isinstance(obj, str) else obj
+
+
 def _is_local(base_url: str | None) -> bool:
     return bool(base_url) and (urlparse(base_url).hostname or "") in LOCAL_HOSTS
 
@@ -656,8 +671,7 @@ def _public_url(base_url: str | None) -> str | None:
     if not base_url:
         return None
     parsed = urlparse(base_url)
-    return parsed._replace(netloc=parsed.hostname + (f":{parsed.port}" if parsed.port else "")).geturl() \
-        if parsed.hostname else redact(base_url)
+    return redact(parsed._replace(netloc=parsed.netloc.rsplit("@", 1)[-1]).geturl())
 
 
 def api_key_for(base_url: str | None) -> str:
@@ -671,10 +685,10 @@ def api_key_for(base_url: str | None) -> str:
                     "(the key is read from the environment only and never written anywhere)")
 
 
-def make_backend(args, task: TaskSpec, api_key: str | None) -> Backend:
+def make_backend(args, task: TaskSpec, base_url: str | None, api_key: str | None) -> Backend:
     if args.backend == "offline":
         return OfflineTeacher(task, args.num_samples, args.offline_error_rate, args.seed)
-    return OpenAITeacher(args.teacher_model, args.base_url, api_key or "dry-run-no-key", args.request_timeout,
+    return OpenAITeacher(args.teacher_model, base_url, api_key or "dry-run-no-key", args.request_timeout,
                          args.num_samples, args.temperature, args.max_tokens)
 
 
@@ -692,16 +706,27 @@ def _check_offline(task: TaskSpec, examples: list[Example]) -> None:
                         f"{len(examples)} {task.name} questions have none; use --backend openai")
 
 
-def run_collection(args) -> dict:
-    """Collect teacher rationales as `args` (a TeacherArguments) says; returns the summary dict.
+@dataclass
+class Plan:
+    """Everything validated and built before the first byte is written."""
+    task: TaskSpec
+    out: Path
+    examples: list[Example]
+    requests: list[Request]
+    unknown: list[str]
+    backend: Backend
+    prices: Prices
+    base_url: str | None
+    api_key: str | None
 
-    Writes <output_dir>/{journal.jsonl, teacher_data.json, teacher_provenance.jsonl, summary.json}
-    (nothing but the estimate on --dry_run). Raises UserError on bad input before writing anything."""
-    started = time.time()
+
+def plan_collection(args) -> Plan:
+    """All checks of user input happen here, so bad input never leaves files behind."""
     task = tasks.get_task(args.task)
-    base_url = args.base_url or os.environ.get("OPENAI_BASE_URL") or None
-    if args.backend == "openai":
-        args.base_url = base_url
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output_dir: {out} exists and is not a folder")
+    base_url = (args.base_url or os.environ.get("OPENAI_BASE_URL") or None) if args.backend == "openai" else None
     examples = tasks.load_split(task.name, args.test_on, args.data_dir, limit=args.limit)
     if args.backend == "offline":
         _check_offline(task, examples)
@@ -713,42 +738,56 @@ def run_collection(args) -> dict:
         raise UserError(f"--max_cost: no price known for model {model!r}; pass --price_table or "
                         f"--prompt_price_per_1m and --completion_price_per_1m")
     api_key = api_key_for(base_url) if args.backend == "openai" and not args.dry_run else None
-    backend = make_backend(args, task, api_key)
-    requests = build_requests(task, backend, jobs, args.mode)
+    backend = make_backend(args, task, base_url, api_key)
+    return Plan(task, out, examples, build_requests(task, backend, jobs, args.mode), unknown, backend, prices,
+                base_url, api_key)
 
-    out = Path(args.output_dir)
-    journal = Journal(out / "journal.jsonl")
-    records = journal.load(repair=not args.dry_run)
-    pending = [r for r in requests if r.key not in records]
-    collector = Collector(backend, journal, Budget(args.max_requests, args.max_cost), prices,
+
+def run_collection(args) -> dict:
+    """Collect teacher rationales as `args` (a TeacherArguments) says; returns the summary dict.
+
+    Writes <output_dir>/{journal.jsonl, teacher_data.json, teacher_provenance.jsonl, summary.json}
+    (nothing on --dry_run: it prints the estimate). Raises UserError on bad input before writing anything."""
+    started = time.time()
+    plan = plan_collection(args)
+    journal = Journal(plan.out / "journal.jsonl")
+    collector = Collector(plan.backend, journal, Budget(args.max_requests, args.max_cost), plan.prices,
                           RetryPolicy(args.max_retries, args.backoff_base), args.concurrency,
-                          args.est_completion_tokens, secret=api_key)
-    summary = {"mode": args.mode, "task": task.name, "split": args.test_on, "backend": backend.name,
-               "model": backend.model, "base_url": _public_url(base_url) if args.backend == "openai" else None,
-               "template_hash": template_hash(args.mode), "params": backend.params(),
-               "questions": len(examples), "unknown_questions_skipped": len(unknown)}
+                          args.est_completion_tokens, secret=plan.api_key)
+    summary = {"mode": args.mode, "task": plan.task.name, "split": args.test_on, "backend": plan.backend.name,
+               "model": plan.backend.model, "base_url": _public_url(plan.base_url),
+               "template_hash": template_hash(args.mode), "params": plan.backend.params(),
+               "questions": len(plan.examples),
+               "questions_asked": len({r.example.question for r in plan.requests}),
+               "unknown_questions_skipped": len(plan.unknown),
+               "args": scrub_strings({**asdict(args), "base_url": _public_url(args.base_url)})}
     if args.dry_run:
-        summary["dry_run"] = dry_run_estimate(collector, pending, args.num_samples, prices)
-        summary["requests"] = {"total": len(requests), "from_journal": len(requests) - len(pending)}
+        records = journal.load(repair=False)
+        pending = [r for r in plan.requests if r.key not in records]
+        summary["dry_run"] = dry_run_estimate(collector, pending, args.num_samples, plan.prices)
+        summary["requests"] = {"total": len(plan.requests), "from_journal": len(plan.requests) - len(pending)}
         print_dry_run(summary)
         return summary
 
-    created_dir = not out.exists()
-    journal.lock()
+    created_dir = not plan.out.exists()
+    journal.lock()  # before load: the tail repair must not race another writer
     try:
-        if not prices.known:
-            collector.log(f"no price known for model {model!r}: costs are recorded as 0")
+        records = journal.load()
+        pending = [r for r in plan.requests if r.key not in records]
+        if not plan.prices.known:
+            collector.log(f"no price known for model {plan.backend.model!r}: costs are recorded as 0")
         asyncio.run(_collect(collector, pending, records, args.num_samples))
     finally:
         journal.close()
-    if collector.fatal and collector.new_records == 0 and not (set(records) & {r.key for r in requests}):
-        if created_dir and not any(out.iterdir()):
-            out.rmdir()  # a bad key or model leaves no trace
+    if collector.fatal and not any(r.key in records for r in plan.requests):
+        if created_dir and not any(plan.out.iterdir()):
+            plan.out.rmdir()  # a bad key or model leaves no trace
         raise UserError(f"teacher rejected the first requests: {collector.fatal}")
-    outputs = build_outputs(task, requests, records, collector.failures)
-    summary.update(_summary_numbers(requests, pending, records, collector, outputs, started))
-    _write_outputs(out, outputs, summary)
-    print_summary(summary, out)
+    outputs = build_outputs(plan.task, plan.requests, records, collector.failures, plan.backend)
+    summary.update(_summary_numbers(plan.requests, pending, records, collector, outputs, started))
+    summary["outputs"] = {name: str(plan.out / name) for name in OUTPUT_FILES}
+    _write_outputs(plan.out, outputs, summary)
+    print_summary(summary, plan.out)
     if collector.fatal:
         raise UserError(f"teacher stopped the run: {collector.fatal} (outputs hold what was collected)")
     return summary
@@ -783,7 +822,7 @@ def _summary_numbers(requests, pending, records, collector: Collector, outputs: 
 def _write_outputs(out: Path, outputs: Outputs, summary: dict) -> None:
     atomic_write_json(out / "teacher_data.json", outputs.teacher_data)
     atomic_write_jsonl(out / "teacher_provenance.jsonl", outputs.provenance)
-    atomic_write_json(out / "summary.json", redact(summary))
+    atomic_write_json(out / "summary.json", scrub_strings(summary))
 
 
 def dry_run_estimate(collector: Collector, pending: list[Request], n: int, prices: Prices) -> dict:
@@ -810,8 +849,10 @@ def print_summary(summary: dict, out: Path) -> None:
           f"({summary['backend']}/{summary['model']}, template {summary['template_hash']}):")
     print(f"  requests: {req['total']} total, {req['from_journal']} from journal, {req['new']} new, "
           f"{req['failed']} failed, {req['not_run']} not run")
-    print(f"  rationales: {samples['kept']} kept, {samples['rejected']} rejected" + (f" ({reasons})" if reasons else ""))
-    print(f"  questions with teacher data: {samples['questions_with_data']}/{summary['questions']}"
+    print(f"  rationales: {samples['kept']} kept, {samples['rejected']} rejected"
+          + (f" ({reasons})" if reasons else ""))
+    print(f"  questions with teacher data: {samples['questions_with_data']}/{summary['questions_asked']} asked "
+          f"({summary['questions']} in the split)"
           + (f"; {summary['unknown_questions_skipped']} unknown questions skipped"
              if summary["unknown_questions_skipped"] else ""))
     cost = summary["cost_usd"]

@@ -33,7 +33,9 @@ Correct answer: {answer}
 
 Write the reasoning that leads to the correct answer."""
 
-FEEDBACK = """A student tried the question below and went wrong. Read the student's attempt, find its first mistake, and say in one sentence what was wrong and what it should have been. Then solve the question correctly step by step, in the same paragraph.
+FEEDBACK = """A student tried the question below and went wrong. Read the student's attempt, find its first \
+mistake, and say in one sentence what was wrong and what it should have been. Then solve the question correctly \
+step by step, in the same paragraph.
 {final_sentence}
 
 Question: {question}{choices}
@@ -70,7 +72,7 @@ def gold_text(task: TaskSpec, ex: Example) -> str:
 def _choices_block(task: TaskSpec, ex: Example) -> str:
     if task.kind != "choice" or not ex.choices:
         return ""
-    return "\nAnswer Choices: " + " ".join(f"({l}) {t}" for l, t in zip(CHOICE_LETTERS, ex.choices))
+    return "\nAnswer Choices: " + " ".join(f"({letter}) {text}" for letter, text in zip(CHOICE_LETTERS, ex.choices))
 
 
 def render(kind: str, task: TaskSpec, ex: Example, wrong: str | None = None) -> Prompt:

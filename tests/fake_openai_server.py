@@ -12,6 +12,7 @@ request whose prompt contains a text (`always`):
   "empty"      200 with empty message contents
   "wrong"      200 with a wrong final answer
   "401"        authentication error
+  "400"        bad request (this request only)
 
 Run standalone: `python tests/fake_openai_server.py --latency 0.1` prints its base URL;
 GET <host>/stats returns its counters.
@@ -146,7 +147,8 @@ class _Handler(BaseHTTPRequestHandler):
             pass  # the client gave up (timeout): nothing to do
 
     def _error(self, status: int, message: str, headers: dict | None = None) -> None:
-        self._send(status, json.dumps({"error": {"message": message, "type": "fake", "code": status}}).encode(), headers)
+        body = {"error": {"message": message, "type": "fake", "code": status}}
+        self._send(status, json.dumps(body).encode(), headers)
 
     def do_GET(self):
         """GET /stats: the counters, for a client that runs the server as a subprocess (the benchmark)."""
@@ -186,8 +188,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(429, "rate limited", {"retry-after": str(server.retry_after)})
         if fault == "500":
             return self._error(500, "internal error")
-        if fault == "401":
-            return self._error(401, "invalid api key")
+        if fault in ("400", "401"):
+            return self._error(int(fault), "invalid api key" if fault == "401" else "bad request")
         if fault == "slow":
             time.sleep(server.slow_s)
         if fault == "malformed":

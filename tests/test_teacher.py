@@ -79,7 +79,8 @@ def with_key(monkeypatch):
 
 # ---------------------------------------------------------------- offline backend
 
-GOLD = "Zoe starts with 4 stamps. She gets 8 more, so 4 + 8 = 12. She gives away 4, so 12 - 4 = 8. She gets 7 more, so 8 + 7 = 15."
+GOLD = ("Zoe starts with 4 stamps. She gets 8 more, so 4 + 8 = 12. She gives away 4, so 12 - 4 = 8. "
+        "She gets 7 more, so 8 + 7 = 15.")
 
 
 @pytest.mark.parametrize("wrong, expected", [
@@ -169,6 +170,8 @@ def test_offline_needs_gold_rationales(tmp_path):
      ("2 + 3 = 5. Therefore, the answer is 5.", "kept")),
     ("wordmath", "So it is 5.", "5", ("So it is 5.", "no_final_sentence")),
     ("wordmath", "Therefore, the answer is 6.", "5", ("Therefore, the answer is 6.", "wrong_answer")),
+    ("wordmath", "3 + 2 = 5. Therefore, the answer is 5", "5", ("3 + 2 = 5. Therefore, the answer is 5.", "kept")),
+    ("wordmath", "Therefore, the answer is unclear.", "5", ("Therefore, the answer is unclear.", "no_answer")),
     ("wordmath", "Half is 2.5. Therefore, the answer is 2.5. Done.", "2.5",
      ("Half is 2.5. Therefore, the answer is 2.5.", "kept")),
     ("cqa", "Ice is cold. Therefore, the answer is ice cream (b).", "b",
@@ -234,6 +237,8 @@ def test_rerun_makes_no_requests(tmp_path, server, with_key, capsys):
     summary = collect(openai_argv(server, data_dir, out))
     assert server.attempts == 0 and summary["requests"]["new"] == 0 and summary["requests"]["from_journal"] == 5
     assert read_data(out) == first and len(journal_lines(out)) == 5
+    tokens = json.loads((out / "summary.json").read_text())["tokens"]
+    assert tokens["prompt_tokens"] > 0 and tokens["completion_tokens"] > 0
     # A different template/params is a different request: n=3 asks again.
     collect(openai_argv(server, data_dir, out, "--num_samples", "3"))
     assert server.attempts == 5
@@ -293,6 +298,49 @@ def test_empty_replies_are_counted_rejections(tmp_path, server, with_key):
     summary = collect(openai_argv(server, data_dir, tmp_path / "o"))
     assert summary["samples"]["rejected_by_reason"] == {"empty": 2}
     assert empty_question not in read_data(tmp_path / "o") and len(read_data(tmp_path / "o")) == 2
+
+
+def test_exhausted_retries_and_bad_requests_fail_alone_then_rerun_fills_in(tmp_path, server, with_key):
+    data_dir = make_data_dir(tmp_path, n=4)
+    questions = [ex.question for ex in tasks.load_split("wordmath", "train", str(data_dir))]
+    server.always = {questions[0]: "500", questions[1]: "400"}
+    out = tmp_path / "o"
+    summary = collect(openai_argv(server, data_dir, out, "--max_retries", "2", "--concurrency", "1"))
+    assert summary["requests"]["failed"] == 2 and summary["requests"]["new"] == 2
+    assert server.attempts == 3 + 1 + 2  # 500 retried twice, 400 not retried
+    assert sorted(read_data(out)) == sorted(questions[2:])
+    reasons = [json.loads(line)["reason"] for line in (out / "teacher_provenance.jsonl").read_text().splitlines()]
+    assert sum(r.startswith("request_failed") for r in reasons) == 2
+    server.always = {}
+    summary = collect(openai_argv(server, data_dir, out))
+    assert summary["requests"]["new"] == 2 and len(read_data(out)) == 4
+
+
+def test_concurrency_is_bounded(tmp_path, with_key):
+    data_dir = make_data_dir(tmp_path, n=12)
+    with FakeOpenAIServer(latency=0.05) as slow:
+        collect(openai_argv(slow, data_dir, tmp_path / "o", "--concurrency", "4"))
+        assert slow.max_in_flight == 4
+
+
+def test_prices(tmp_path):
+    table_file = tmp_path / "prices.json"
+    table_file.write_text(json.dumps({"my-model": {"prompt_per_1m": 1.0, "completion_per_1m": 2.0}}))
+    table = teacher.load_price_table(str(table_file))
+    assert teacher.resolve_prices("my-model", table, None, None).cost(1_000_000, 1_000_000) == 3.0
+    assert teacher.resolve_prices("gpt-4o-mini-2024-07-18", table, None, None).prompt_per_1m == 0.15
+    assert teacher.resolve_prices("gpt-4o", table, 9.0, None) == teacher.Prices(9.0, 10.0)
+    assert not teacher.resolve_prices("mystery", table, None, None).known
+    table_file.write_text(json.dumps({"bad": {"prompt_per_1m": "x"}}))
+    with pytest.raises(UserError, match="bad"):
+        teacher.load_price_table(str(table_file))
+
+
+def test_max_cost_needs_a_known_price(tmp_path, server, with_key):
+    data_dir = make_data_dir(tmp_path, n=2)
+    with pytest.raises(UserError, match="no price known"):
+        collect(openai_argv(server, data_dir, tmp_path / "o", "--teacher_model", "mystery", "--max_cost", "1"))
+    assert server.attempts == 0 and not (tmp_path / "o").exists()
 
 
 def test_bad_key_stops_without_output(tmp_path, server, with_key):

@@ -1,7 +1,6 @@
 """SIGKILL a running collection at several points, resume, and compare with an uninterrupted run."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess

@@ -1,0 +1,293 @@
+"""One training step: shared-prefix loss (`losses.compute_tailored_loss`) vs the seed's five forwards.
+
+Both steps (loss + backward + AdamW step) run side by side in this process on the same batch
+and the same model: warm-up, then timed rounds that alternate which variant goes first.
+Default: the embedded student architecture (GPT-J, n_layer 4, n_embd 128, vocab 512, random
+init or --load), 8 wordmath rows with teacher rationales, a distinct positive and a negative
+each, `--mle weight --contrastive yes --cl_repr last` (the README run).
+
+Peak memory, honestly per variant:
+  cpu:  (a) bytes of activations autograd saves for backward (saved_tensors_hooks, unique
+        storages, parameters excluded) and (b) the peak RSS a forked child gains over its
+        RSS at fork while running 3 steps of that variant. Children fork before the parent
+        runs any step, so no allocator memory freed by earlier steps hides a peak.
+  cuda: torch.cuda.max_memory_allocated during the variant's steps, above the memory held
+        before them (weights, grads, optimizer state).
+
+  python bench/bench_train_step.py                                  # CPU, embedded student
+  python bench/bench_train_step.py --fewshot                        # prompts with 3 demos
+  python bench/bench_train_step.py --device cuda --config 1.3b      # GPT-J 1.3B-class, bf16, MFU
+With --config 1.3b it also reports tokens/s and MFU = 6 * N * text tokens/s / peak FLOP/s
+(N = parameters without the input embedding table; text tokens = non-pad prompt+continuation
+tokens of the batch, the tokens the step trains on; --peak_flops default: H100 SXM dense bf16).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPTJConfig, GPTJForCausalLM  # noqa: E402
+
+import student  # noqa: E402
+import tasks  # noqa: E402
+from losses import LossConfig, compute_tailored_loss, five_pass_loss  # noqa: E402
+from train_data import FivePassCollator, TailoredCollator, TailoredDataset, build_train_data  # noqa: E402
+
+CONFIGS = {
+    "student": dict(n_layer=4, n_embd=128, n_head=4, rotary_dim=16),
+    "1.3b": dict(n_layer=24, n_embd=2048, n_head=16, rotary_dim=64, vocab_size=50400),
+    "tiny": dict(n_layer=2, n_embd=64, n_head=4, rotary_dim=8),  # smoke test of the --config path
+}
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--config", default="student", choices=sorted(CONFIGS))
+    p.add_argument("--load", default=None, help="HF folder of a student (overrides --config)")
+    p.add_argument("--task", default="wordmath")
+    p.add_argument("--data_dir", default="localdataset")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--fewshot", action="store_true", help="prompts carry the task's demos (--fewshot yes)")
+    p.add_argument("--mle", default="weight")
+    p.add_argument("--cl_repr", default="last")
+    p.add_argument("--precision", default=None, choices=["fp32", "bf16", "autocast"],
+                   help="fp32, pure bf16 weights, or bf16 autocast over fp32 weights "
+                        "(default: fp32 on cpu, bf16 for --config 1.3b, autocast otherwise on cuda)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--steps_per_round", type=int, default=3)
+    p.add_argument("--memory_steps", type=int, default=3)
+    p.add_argument("--peak_flops", type=float, default=989e12, help="peak bf16 FLOP/s (H100 SXM dense: 989e12)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", default=None, help="also write the results here")
+    return p.parse_args()
+
+
+# ---------------------------------------------------------------- model and batch
+
+def make_tokenizer_and_model(args, train: list[tasks.Example]):
+    if args.load:
+        return AutoTokenizer.from_pretrained(args.load), AutoModelForCausalLM.from_pretrained(args.load)
+    task = tasks.get_task(args.task)
+    texts = [tasks.build_prompt(task, ex) + tasks.continuation(task, ex, ex.rationale) for ex in train if ex.rationale]
+    tokenizer = student.train_tokenizer(texts, 512)
+    cfg = dict(CONFIGS[args.config])
+    cfg.setdefault("vocab_size", len(tokenizer))
+    torch.manual_seed(0)
+    model = GPTJForCausalLM(GPTJConfig(n_positions=2048, bos_token_id=tokenizer.bos_token_id,
+                                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                       tie_word_embeddings=False, **cfg))
+    return tokenizer, model
+
+
+def teacher_files(task: tasks.TaskSpec, train: list[tasks.Example], folder: Path) -> tuple[str, str]:
+    """Offline stand-ins: two teacher phrasings per question (positives) and two wrong student rationales."""
+    teacher = {ex.question: [f"{tasks.fold(ex.rationale)} Therefore, the answer is {ex.gold}.",
+                             f"Let us think step by step. {tasks.fold(ex.rationale)} Therefore, the answer is {ex.gold}."]
+               for ex in train}
+    wrong = {ex.question: [f"{tasks.fold(ex.rationale)}\nAnswer: {int(ex.gold) + 1}",
+                           f"{tasks.fold(ex.rationale).rsplit(' ', 2)[0]}\nAnswer: {int(ex.gold) + 7}"] for ex in train}
+    (folder / "teacher.json").write_text(json.dumps(teacher))
+    (folder / "neg.json").write_text(json.dumps(wrong))
+    return str(folder / "teacher.json"), str(folder / "neg.json")
+
+
+def make_batches(args, tokenizer, device) -> tuple[dict, dict, int]:
+    task = tasks.get_task(args.task)
+    train = [ex for ex in tasks.load_split(args.task, "train", args.data_dir, limit=200) if ex.rationale]
+    demos = tasks.load_demos(task, True, train=train, seed=0) if args.fewshot else ""
+    with tempfile.TemporaryDirectory() as tmp:
+        teacher, neg = teacher_files(task, train[:4 * args.batch], Path(tmp))
+        data = build_train_data(task, train, tokenizer, teacher_data=teacher, demos=demos, max_length=1024,
+                                cl_pos_path=teacher, cl_neg_path=neg)
+    dataset = TailoredDataset(data, seed=0)
+    picked, questions = [], set()
+    for i in range(len(dataset)):  # one row per question, each with a triplet
+        f = dataset[i]
+        if f["qid"] not in questions and f["pos_ids"] is not None:
+            picked.append(f)
+            questions.add(f["qid"])
+        if len(picked) == args.batch:
+            break
+    collate = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, contrastive=True)
+    ours = {k: v.to(device) for k, v in TailoredCollator(**collate)(picked).items()}
+    five = {k: v.to(device) for k, v in FivePassCollator(**collate)(picked).items()}
+    text_tokens = sum(len(f["prefix_ids"]) + len(f["cont_ids"]) for f in picked)
+    return ours, five, text_tokens
+
+
+# ---------------------------------------------------------------- steps and measurements
+
+class SavedForBackward:
+    """Bytes of unique non-parameter storages autograd saves for backward inside the context."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.storages: dict[int, int] = {}
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in self.params:
+            self.storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    def __enter__(self):
+        self.ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self.ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.ctx.__exit__(*exc)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.storages.values())
+
+
+def make_step(name: str, model, optimizer, batch: dict, cfg: LossConfig, autocast):
+    loss_fn = compute_tailored_loss if name == "shared" else five_pass_loss
+
+    def step(saved: SavedForBackward | None = None) -> float:
+        with autocast(), (saved or nullcontext()):
+            loss, _ = loss_fn(model, batch, cfg)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def cpu_peak_in_child(step, steps: int) -> dict:
+    """Run `steps` steps in a forked child; its peak RSS gain over the RSS at fork, and saved bytes."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: measure, report, never return into the parent's code
+        try:
+            os.close(read)
+            start = rss_bytes()
+            saved = SavedForBackward(step.model) if hasattr(step, "model") else None
+            for _ in range(steps):
+                step(saved)
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            os.write(write, json.dumps({"peak_rss_gain": peak - start, "saved_bytes": saved.nbytes}).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as f:
+        text = f.read()
+    os.waitpid(pid, 0)
+    return json.loads(text)
+
+
+def cuda_peak(step, steps: int, model) -> dict:
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    saved = SavedForBackward(model)
+    for _ in range(steps):
+        step(saved)
+    torch.cuda.synchronize()
+    return {"peak_alloc_gain": torch.cuda.max_memory_allocated() - before, "saved_bytes": saved.nbytes}
+
+
+def timed(step, n: int, sync) -> float:
+    sync()
+    started = time.perf_counter()
+    for _ in range(n):
+        step()
+    sync()
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    precision = args.precision or ("fp32" if args.device == "cpu" else "bf16" if args.config == "1.3b" else "autocast")
+    task_train = [ex for ex in tasks.load_split(args.task, "train", args.data_dir, limit=2000) if ex.rationale]
+    tokenizer, model = make_tokenizer_and_model(args, task_train)
+    model.to(device, dtype=torch.bfloat16 if precision == "bf16" else torch.float32).train()
+    ours_batch, five_batch, text_tokens = make_batches(args, tokenizer, device)
+    cfg = LossConfig(mle=args.mle, contrastive=True, cl_repr=args.cl_repr)
+    autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "autocast" else nullcontext)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.01)
+    steps = {"shared": make_step("shared", model, optimizer, ours_batch, cfg, autocast),
+             "five": make_step("five", model, optimizer, five_batch, cfg, autocast)}
+    for step in steps.values():
+        step.model = model
+    n_params = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    print(f"model: {args.load or args.config} ({n_params / 1e6:.2f}M params w/o input embeddings), {precision}, "
+          f"device {device}, batch {args.batch} rows, {text_tokens} text tokens "
+          f"(prefix width {ours_batch['prefix_ids'].shape[1]}, continuation width {ours_batch['cont_ids'].shape[1]}, "
+          f"pos/neg width {ours_batch['contrast_ids'].shape[1]}), mle {args.mle}, cl_repr {args.cl_repr}", flush=True)
+
+    # Values first: both steps compute the same losses on the same weights.
+    with torch.no_grad(), autocast():
+        a, _ = compute_tailored_loss(model, ours_batch, cfg)
+        b, _ = five_pass_loss(model, five_batch, cfg)
+    print(f"loss on the same weights: shared {a.item():.6f}  five-pass {b.item():.6f}")
+
+    memory = {}
+    for name, step in steps.items():  # before any timed step (see module docstring)
+        memory[name] = (cpu_peak_in_child(step, args.memory_steps) if device.type == "cpu"
+                        else cuda_peak(step, args.memory_steps, model))
+
+    for _ in range(args.warmup):
+        for step in steps.values():
+            step()
+    seconds = {name: [] for name in steps}
+    for r in range(args.rounds):
+        order = list(steps) if r % 2 == 0 else list(reversed(steps))
+        for name in order:
+            seconds[name].append(timed(steps[name], args.steps_per_round, sync) / args.steps_per_round)
+
+    results = {"args": vars(args), "precision": precision, "text_tokens_per_step": text_tokens,
+               "params_without_input_embeddings": n_params}
+    for name in steps:
+        per_step = statistics.median(seconds[name])
+        tokens_per_s = text_tokens / per_step
+        results[name] = {"steps_per_s": 1 / per_step, "s_per_step_all": seconds[name], "tokens_per_s": tokens_per_s,
+                         "mfu": 6 * n_params * tokens_per_s / args.peak_flops, **memory[name]}
+    label = {"shared": "shared-prefix (ours)", "five": "five-forward (seed)"}
+    mem_key = "peak_rss_gain" if device.type == "cpu" else "peak_alloc_gain"
+    for name in steps:
+        r = results[name]
+        line = (f"{label[name]:22s} {r['steps_per_s']:7.2f} steps/s  {r['tokens_per_s']:9.0f} text tok/s  "
+                f"peak {'RSS' if device.type == 'cpu' else 'alloc'} +{r[mem_key] / 2**20:7.1f} MiB  "
+                f"saved for backward {r['saved_bytes'] / 2**20:7.1f} MiB")
+        if args.config == "1.3b" or device.type == "cuda":
+            line += f"  MFU {100 * r['mfu']:.1f}%"
+        print(line)
+    speedup = results["shared"]["steps_per_s"] / results["five"]["steps_per_s"]
+    results["speedup"] = speedup
+    print(f"speed-up {speedup:.2f}x steps/s; peak memory ratio (shared / five) "
+          f"{results['shared'][mem_key] / max(1, results['five'][mem_key]):.2f}, saved-for-backward ratio "
+          f"{results['shared']['saved_bytes'] / max(1, results['five']['saved_bytes']):.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""Run the tailored-learning loop: exam -> teacher -> training -> evaluation, for several rounds.
+
+    python run_rounds.py                      # the embedded demo: offline, CPU, ~15 min on 2 cores
+    python run_rounds.py --task gsm8k --student EleutherAI/gpt-j-6B --backend openai \
+        --teacher_model gpt-3.5-turbo --device 0,1,2,3,4,5,6,7 --deepspeed ds_stage3_config.json \
+        --lr 7e-6 --train_bsz 2 --epoch 10 --fewshot yes --exam_limit 0 --workdir runs/gsm8k
+With the default embedded student and task it first prepares the data and builds the student.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from args import RoundsArguments, parse
+from common import cli_main
+from rounds import RoundDriver, run_command
+
+EMBEDDED_TASKS = ("wordmath", "gsm_symbolic")
+EMBEDDED_STUDENT = "checkpoints/wordmath-student"
+
+
+def prepare_embedded(args: RoundsArguments) -> None:
+    """The embedded default needs its data and its round-0 student; both steps are idempotent."""
+    logs = Path(args.workdir) / "setup"
+    if args.task in EMBEDDED_TASKS:
+        run_command([sys.executable, "prepare_data.py", "--task", args.task, "--data_dir", args.data_dir],
+                    logs / "prepare_data.log")
+    if args.student == EMBEDDED_STUDENT and not (Path(args.student) / "build_info.json").is_file():
+        run_command([sys.executable, "build_student.py", "--task", "wordmath", "--data_dir", args.data_dir,
+                     "--out", args.student, "--warm_steps", str(args.warm_steps)], logs / "build_student.log")
+
+
+@cli_main
+def main() -> None:
+    args = parse(RoundsArguments)
+    if args.exam_limit == 0:
+        args.exam_limit = None
+    prepare_embedded(args)
+    RoundDriver(args).run()
+
+
+if __name__ == "__main__":
+    main()

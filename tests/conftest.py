@@ -1,0 +1,61 @@
+"""Shared fixtures: a small embedded dataset and a tiny warm-started student, built once per session."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+def run_script(*argv: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run one of the repo's scripts as a user would, from the repo root."""
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run([sys.executable, *argv], cwd=ROOT, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """localdataset-style folder with a small wordmath task (train 240, test 48)."""
+    import wordmath
+
+    root = tmp_path_factory.mktemp("data")
+    train = wordmath.generate(240, seed=11)
+    test = wordmath.generate(48, seed=12, exclude={r["question"] for r in train})
+    write_jsonl(root / "wordmath" / "train.jsonl", train)
+    write_jsonl(root / "wordmath" / "test.jsonl", test)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_student(data_dir, tmp_path_factory) -> Path:
+    """A 2-layer GPT-J with its own tokenizer, warm-started for a few seconds: it writes
+    rationales in the right shape, gets some answers right and many wrong."""
+    import torch
+
+    import student
+    from tasks import build_prompt, continuation, get_task, load_split
+
+    torch.manual_seed(0)
+    task = get_task("wordmath")
+    train = load_split("wordmath", "train", str(data_dir))
+    pairs = [(build_prompt(task, ex), continuation(task, ex, ex.rationale)) for ex in train]
+    tokenizer = student.train_tokenizer([p + c for p, c in pairs], vocab_size=400)
+    model = student.build_model(tokenizer, n_layer=2, n_embd=64, n_head=4, n_positions=512)
+    student.warm_start(model, tokenizer, pairs, steps=80, batch_size=16, lr=5e-3, log_every=40)
+    out = tmp_path_factory.mktemp("student")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

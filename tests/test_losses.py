@@ -1,0 +1,231 @@
+"""Losses: hand-computed cases, and the shared-prefix step against the literal five-forward reference."""
+from __future__ import annotations
+
+import math
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import losses  # noqa: E402
+import student  # noqa: E402
+from common import UserError  # noqa: E402
+from losses import (MLE_MODES, REPR_MODES, LossConfig, compute_tailored_loss, five_pass_loss,  # noqa: E402
+                    representation, triplet_loss, weighted_lm_loss)
+from test_train_data import TASK, make_examples, make_tokenizer, triplet_files  # noqa: E402
+from train_data import FivePassCollator, TailoredCollator, TailoredDataset, build_train_data  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+TOL = 1e-4
+
+
+# ---------------------------------------------------------------- hand-computed cases
+
+def test_weighted_lm_loss_uniform_logits():
+    vocab = 4
+    logits = torch.zeros(2, 5, vocab)                     # uniform: every target costs log 4
+    ids = torch.tensor([[1, 2, 3, 1, 2], [0, 0, 3, 1, 2]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])  # row 1 left-padded
+    cont = torch.tensor([[0, 0, 1, 1, 1], [0, 0, 0, 1, 1]])
+    log4 = math.log(vocab)
+    # predicted targets: row 0 -> cols 1..4 (1 prompt, 3 continuation); row 1 -> cols 3, 4 (continuation)
+    assert weighted_lm_loss(logits, ids, mask, cont, "weight", 0.1) == pytest.approx((0.1 + 3 + 2) * log4 / 6)
+    assert weighted_lm_loss(logits, ids, mask, cont, "hf") == pytest.approx(log4)
+    assert weighted_lm_loss(logits, ids, mask, cont, "nograd") == pytest.approx(log4)
+    assert weighted_lm_loss(logits, ids, mask, cont, "no") == 0
+
+
+def test_weighted_lm_loss_weights_prompt_tokens():
+    ids = torch.tensor([[0, 1, 2, 3]])
+    logits = torch.full((1, 4, 4), -30.0)
+    for t in range(3):
+        logits[0, t, ids[0, t + 1]] = 30.0                # every target predicted perfectly ...
+    logits[0, 0] = 0.0                                    # ... except the prompt target at column 1
+    mask, cont = torch.ones(1, 4, dtype=torch.long), torch.tensor([[0, 0, 1, 1]])
+    assert weighted_lm_loss(logits, ids, mask, cont, "weight", 0.1) == pytest.approx(0.1 * math.log(4) / 3, rel=1e-4)
+    assert weighted_lm_loss(logits, ids, mask, cont, "hf") == pytest.approx(math.log(4) / 3, rel=1e-4)
+    assert weighted_lm_loss(logits, ids, mask, cont, "nograd") == pytest.approx(0.0, abs=1e-6)
+
+
+def test_triplet_loss_hand_computed():
+    e1, e2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    anchor = torch.stack([e1, e1, e1])
+    positive = torch.stack([e1, e2, e1])                  # cos 1, 0, 1
+    negative = torch.stack([e2, e1, -e1])                 # cos 0, 1, -1
+    ones = torch.ones(3)
+    per_row = torch.tensor([0.0, 2.0, 0.0])               # max(0, cos_n - cos_p + 1)
+    assert triplet_loss(anchor, positive, negative, ones) == pytest.approx(per_row.mean().item())
+    assert triplet_loss(anchor, positive, negative, torch.tensor([0.0, 1.0, 0.0])) == pytest.approx(2.0)
+    assert triplet_loss(anchor, positive, negative, torch.zeros(3)) == 0
+    assert triplet_loss(anchor, positive, negative, ones, margin=0.5).item() == pytest.approx(1.5 / 3)
+
+
+def test_representation_last_and_pool():
+    hidden = torch.arange(12.0).reshape(2, 3, 2)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    assert representation(hidden, mask, "last").tolist() == [[2.0, 3.0], [10.0, 11.0]]
+    assert representation(hidden, mask, "pool").tolist() == [[1.0, 2.0], [8.0, 9.0]]
+
+
+def test_unknown_modes_are_clear_errors():
+    with pytest.raises(UserError, match="--mle must be one of weight, hf, nograd, no, got 'mean'"):
+        LossConfig(mle="mean")
+    with pytest.raises(UserError, match="--mle"):
+        weighted_lm_loss(torch.zeros(1, 2, 3), torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2),
+                         torch.ones(1, 2), "bogus")
+    with pytest.raises(UserError, match="--cl_repr"):
+        LossConfig(cl_repr="first")
+    with pytest.raises(UserError, match="--contrastive"):
+        LossConfig(mle="no", contrastive=False)
+
+
+# ---------------------------------------------------------------- tiny models and batches
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    examples = make_examples(200, seed=21)
+    tokenizer = make_tokenizer(examples)
+    teacher, pos, neg = triplet_files(tmp_path_factory.mktemp("files"), examples)
+    data = build_train_data(TASK, examples, tokenizer, teacher_data=teacher, cl_pos_path=pos, cl_neg_path=neg)
+    dataset = TailoredDataset(data, seed=0)
+    # Rows of q0 (triplet), q1 (no distinct positive), q4 (no negative), q2, q7: mixed lengths and masks.
+    by_q = {row.qid: i for i, row in enumerate(data.rows)}
+    features = [dataset[by_q[q]] for q in (0, 1, 4, 2, 7)]
+    assert [f["pos_ids"] is not None for f in features] == [True, False, False, True, True]
+    return tokenizer, features
+
+
+def make_model(arch: str, tokenizer) -> torch.nn.Module:
+    if arch == "gptj":
+        model = student.build_model(tokenizer, n_layer=2, n_embd=64, n_head=4, n_positions=512, seed=0)
+    else:
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+                                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
+    return model.train()  # dropout is 0 in both configs; train mode exercises the training code paths
+
+
+@pytest.fixture(scope="module", params=["gptj", "llama"])
+def arch_setup(request, setup):
+    tokenizer, features = setup
+    return make_model(request.param, tokenizer), tokenizer, features
+
+
+def batches(tokenizer, features, contrastive: bool = True):
+    args = (tokenizer.pad_token_id, tokenizer.eos_token_id, contrastive)
+    return TailoredCollator(*args)(features), FivePassCollator(*args)(features)
+
+
+def record_triplets(monkeypatch) -> list[tuple[torch.Tensor, ...]]:
+    """Capture anchor/positive/negative representations given to triplet_loss by either step."""
+    calls, real = [], losses.triplet_loss
+
+    def spy(anchor, positive, negative, row_mask, margin=1.0):
+        calls.append((anchor.detach(), positive.detach(), negative.detach(), row_mask))
+        return real(anchor, positive, negative, row_mask, margin)
+
+    monkeypatch.setattr(losses, "triplet_loss", spy)
+    return calls
+
+
+# ---------------------------------------------------------------- equivalence with the five-forward reference
+
+@pytest.mark.parametrize("mle", MLE_MODES)
+@pytest.mark.parametrize("cl_repr", REPR_MODES)
+def test_matches_five_pass_reference(arch_setup, mle, cl_repr, monkeypatch):
+    model, tokenizer, features = arch_setup
+    ours_batch, ref_batch = batches(tokenizer, features)
+    cfg = LossConfig(mle=mle, contrastive=True, cl_repr=cl_repr, cl_p=1.0, cl_ratio=0.5)
+    calls = record_triplets(monkeypatch)
+    loss, metrics = compute_tailored_loss(model, ours_batch, cfg)
+    ref_loss, ref_metrics = five_pass_loss(model, ref_batch, cfg)
+    assert abs(metrics["lm_loss"] - ref_metrics["lm_loss"]) < TOL
+    assert abs(metrics["cl_loss"] - ref_metrics["cl_loss"]) < TOL
+    assert abs(loss.item() - ref_loss.item()) < TOL
+    assert metrics["triplet_fraction"] == ref_metrics["triplet_fraction"] == pytest.approx(0.6)
+    assert (metrics["lm_loss"] > 0) == (mle != "no")
+    # The representations themselves agree on rows with a triplet (cosines alone could hide a mix-up).
+    mask = ours_batch["triplet_mask"].bool()
+    for ours, ref in zip(calls[0][:3], calls[1][:3]):
+        torch.testing.assert_close(ours[mask], ref[mask], atol=TOL, rtol=TOL)
+
+
+@pytest.mark.parametrize("mle", ["weight", "hf"])
+def test_lm_only_matches_reference(arch_setup, mle):
+    model, tokenizer, features = arch_setup
+    ours_batch, ref_batch = batches(tokenizer, features, contrastive=False)
+    cfg = LossConfig(mle=mle)
+    loss, metrics = compute_tailored_loss(model, ours_batch, cfg)
+    ref_loss, _ = five_pass_loss(model, ref_batch, cfg)
+    assert abs(loss.item() - ref_loss.item()) < TOL and set(metrics) == {"lm_loss"}
+    grads, ref_grads = gradients(model, loss), gradients(model, ref_loss)
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-4)
+
+
+def test_fallback_prefix_forward_gives_same_values(arch_setup, monkeypatch):
+    """When the full forward's cache cannot be reused (e.g. gradient checkpointing), the prefix is recomputed."""
+    model, tokenizer, features = arch_setup
+    ours_batch, _ = batches(tokenizer, features)
+    cfg = LossConfig(contrastive=True)
+    loss, _ = compute_tailored_loss(model, ours_batch, cfg)
+    monkeypatch.setattr(losses, "reuse_prefix_cache", lambda *args: None)
+    fallback, _ = compute_tailored_loss(model, ours_batch, cfg)
+    assert abs(loss.item() - fallback.item()) < TOL
+
+
+def gradients(model, loss) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+@pytest.mark.parametrize("mle", ["nograd", "no"])
+def test_gradients_match_reference_when_prefix_has_no_grad(arch_setup, mle):
+    """In nograd/no the shared step has exactly the original's graph, so gradients agree too."""
+    model, tokenizer, features = arch_setup
+    ours_batch, ref_batch = batches(tokenizer, features)
+    cfg = LossConfig(mle=mle, contrastive=True)
+    grads = gradients(model, compute_tailored_loss(model, ours_batch, cfg)[0])
+    ref = gradients(model, five_pass_loss(model, ref_batch, cfg)[0])
+    assert grads.keys() == ref.keys() and grads
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref[name], atol=1e-5, rtol=1e-3)
+
+
+def test_gradients_finite_and_nonzero_with_triplet(arch_setup):
+    """mle weight + triplet: the anchor's triplet gradient may also reach the prefix (documented); LM head
+    and embeddings get finite, non-zero gradients, and the triplet part alone reaches the embeddings."""
+    model, tokenizer, features = arch_setup
+    ours_batch, _ = batches(tokenizer, features)
+    grads = gradients(model, compute_tailored_loss(model, ours_batch, LossConfig(contrastive=True))[0])
+    head = model.get_output_embeddings().weight
+    embeddings = model.get_input_embeddings().weight
+    names = {id(p): n for n, p in model.named_parameters()}
+    for param in (head, embeddings):
+        g = grads[names[id(param)]]
+        assert torch.isfinite(g).all() and g.abs().sum() > 0
+    triplet_only = gradients(model, compute_tailored_loss(model, ours_batch,
+                                                          LossConfig(mle="no", contrastive=True, cl_p=5.0))[0])
+    g = triplet_only[names[id(embeddings)]]
+    assert torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+def test_no_triplet_rows_gives_zero_cl_loss(arch_setup):
+    model, tokenizer, features = arch_setup
+    lonely = [dict(f, pos_ids=None, neg_ids=None) for f in features]
+    ours_batch, _ = batches(tokenizer, lonely)
+    loss, metrics = compute_tailored_loss(model, ours_batch, LossConfig(mle="no", contrastive=True))
+    assert metrics["cl_loss"] == 0 and metrics["triplet_fraction"] == 0
+    loss.backward()  # still a graph: every rank runs the same forwards and backward
+    model.zero_grad(set_to_none=True)

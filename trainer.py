@@ -1,0 +1,285 @@
+"""The HF `Trainer` subclass behind run_trainer.py: tailored losses, question-unique batches,
+accuracy by generation at each epoch, best-K checkpoints, redacted configs beside each save.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from transformers import Trainer, TrainerCallback
+
+import distributed
+from common import atomic_write_json, redact
+from generation import SamplingConfig, evaluate
+from losses import LossConfig, compute_tailored_loss
+from train_data import UniqueQuestionBatchSampler
+
+METRICS = ("lm_loss", "cl_loss", "triplet_fraction")
+
+
+class TailoredTrainer(Trainer):
+    """`eval_setup`: dict(task, examples, demos, rationale, sampling) for accuracy by generation."""
+
+    def __init__(self, *args, loss_cfg: LossConfig, merge_losses: bool = True, eval_setup: dict | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loss_cfg = loss_cfg
+        self.merge_losses = merge_losses
+        self.eval_setup = eval_setup
+        self._running = {name: [] for name in METRICS}
+        self.eval_history: list[dict] = []
+
+    # ------------------------------------------------------------ data
+    def get_train_dataloader(self) -> DataLoader:
+        """Global batches with distinct questions; accelerate deals whole batches to the ranks."""
+        sampler = UniqueQuestionBatchSampler(self.train_dataset.row_questions(), self.args.per_device_train_batch_size,
+                                             seed=self.args.seed)
+        loader = DataLoader(self.train_dataset, batch_sampler=sampler, collate_fn=self.data_collator,
+                            num_workers=self.args.dataloader_num_workers)
+        return self.accelerator.prepare(loader)
+
+    # ------------------------------------------------------------ losses
+    def _record(self, metrics: dict) -> None:
+        for name in METRICS:
+            if name in metrics:
+                value = metrics[name]
+                self._running[name].append(float(value.detach() if torch.is_tensor(value) else value))
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, metrics = compute_tailored_loss(model, inputs, self.loss_cfg)
+        self._record(metrics)
+        return (loss, metrics) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """--merge_losses no: LM and triplet losses get separate backward passes (lower peak memory,
+        same gradient sum). DeepSpeed steps inside every backward, so there we always merge."""
+        if self.merge_losses or not self.loss_cfg.contrastive or self.loss_cfg.mle == "no" or self.is_deepspeed_enabled:
+            return super().training_step(model, inputs, num_items_in_batch)
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        scale = 1.0 / self.args.gradient_accumulation_steps
+        total = torch.zeros(())
+        for cfg in (replace(self.loss_cfg, contrastive=False), replace(self.loss_cfg, mle="no")):
+            with self.compute_loss_context_manager():
+                loss, metrics = compute_tailored_loss(model, inputs, cfg)
+            self._record(metrics)
+            self.accelerator.backward(loss * scale)
+            total = total + loss.detach().cpu() * scale
+        return total
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        if "loss" in logs:  # a training log: add the means of our parts since the last one
+            for name, values in self._running.items():
+                if values:
+                    logs[name] = round(sum(values) / len(values), 4)
+                    values.clear()
+        super().log(logs, *args, **kwargs)
+
+    # ------------------------------------------------------------ evaluation
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
+        """Accuracy of greedy answers (not a loss): what the paper reports and what --save_best ranks."""
+        if not self.eval_setup:
+            return {}
+        setup = self.eval_setup
+        result = evaluate(self.model, self.processing_class, setup["task"], setup["examples"], setup["demos"],
+                          setup["rationale"], setup["sampling"], desc=f"eval epoch {self.state.epoch or 0:.0f}",
+                          synced=self.is_deepspeed_enabled)
+        summary = [None if result is None else {k: result[k] for k in ("acc", "strict_acc", "correct", "total")}]
+        if distributed.world_size() > 1 and torch.distributed.is_initialized():
+            torch.distributed.broadcast_object_list(summary, src=0)
+        summary = summary[0]
+        metrics = {f"{metric_key_prefix}_accuracy": summary["acc"],
+                   f"{metric_key_prefix}_strict_accuracy": summary["strict_acc"]}
+        if self.is_world_process_zero():
+            out = Path(self.args.output_dir) / "eval" / f"step{self.state.global_step}.json"
+            atomic_write_json(out, {"epoch": self.state.epoch, "step": self.state.global_step, **result})
+        self.eval_history.append({"epoch": self.state.epoch, "step": self.state.global_step, **summary})
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+
+class SaveExtrasCallback(TrainerCallback):
+    """Beside each checkpoint: the run's arguments (secrets redacted) and DeepSpeed config; and
+    with --save_best K > 0, only the K most accurate epochs (plus the latest, for --resume) stay."""
+
+    def __init__(self, run_args: dict, ds_config: str | None, save_best: int):
+        self.run_args = redact(run_args)
+        self.ds_config = ds_config
+        self.save_best = save_best
+
+    def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if folder.is_dir():
+            atomic_write_json(folder / "run_args.json", self.run_args)
+            if self.ds_config:
+                shutil.copyfile(self.ds_config, folder / "ds_config.json")
+        if self.save_best > 0:
+            self._keep_best(Path(args.output_dir), state)
+
+    def _keep_best(self, output_dir: Path, state) -> None:
+        accuracy = {}
+        for entry in state.log_history:
+            if "eval_accuracy" in entry:
+                accuracy[entry["step"]] = entry["eval_accuracy"]
+        saved = sorted(int(p.name.split("-")[1]) for p in output_dir.glob("checkpoint-*") if p.name.split("-")[1].isdigit())
+        if not saved:
+            return
+        ranked = sorted((s for s in saved if s in accuracy), key=lambda s: (-accuracy[s], -s))
+        keep = set(ranked[:self.save_best]) | {saved[-1]}
+        for step in saved:
+            if step not in keep:
+                shutil.rmtree(output_dir / f"checkpoint-{step}", ignore_errors=True)
+        if ranked:
+            (output_dir / "best_checkpoint.json").write_text(json.dumps(
+                {"checkpoint": f"checkpoint-{ranked[0]}", "eval_accuracy": accuracy[ranked[0]]}) + "\n")
+
+
+def sampling_for_eval(task, batch_size: int) -> SamplingConfig:
+    return SamplingConfig(max_new_tokens=task.max_new_tokens, batch_size=batch_size)
+
+
+# ---------------------------------------------------------------- setup of a run
+
+def default_output_dir(args) -> str:
+    return str(Path("checkpoints") / "student_train" / (args.task + (f"_{args.note}" if args.note else "")))
+
+
+def training_arguments(args, output_dir: str, bf16: bool, fp16: bool):
+    from transformers import TrainingArguments
+
+    cpu = not torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=output_dir, num_train_epochs=args.epoch, max_steps=args.max_steps,
+        per_device_train_batch_size=args.train_bsz, per_device_eval_batch_size=args.eval_bsz,
+        gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr, weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps, lr_scheduler_type="constant_with_warmup", max_grad_norm=1.0,
+        bf16=bf16, fp16=fp16, deepspeed=args.deepspeed, use_cpu=cpu,
+        ddp_backend="gloo" if cpu and distributed.world_size() > 1 else None,
+        eval_strategy="epoch" if args.do_eval else "no", save_strategy="epoch",
+        logging_steps=args.logging_steps, logging_first_step=True,
+        report_to=["tensorboard"] + (["wandb"] if args.wandb else []),
+        seed=args.seed, remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=False)
+
+
+def precision(args) -> tuple[bool, bool]:
+    """(bf16, fp16). fp16 needs a GPU; on CPU we say so and train in bf16 instead."""
+    if args.fp16 and args.bf16:
+        from common import UserError
+        raise UserError("--fp16 and --bf16: choose one")
+    if args.fp16 and not torch.cuda.is_available():
+        print("note: --fp16 needs a GPU; training in bf16 on this CPU")
+        return True, False
+    return args.bf16, args.fp16
+
+
+def keep_one_rationale_per_question(data, seed: int) -> None:
+    """--teacher_data_random: one seeded pick per question; the others still serve as positives."""
+    import random
+
+    by_question: dict[int, list] = {}
+    for row in data.rows:
+        by_question.setdefault(row.qid, []).append(row)
+    rng = random.Random(seed)
+    data.rows = [rng.choice(rows) for _, rows in sorted(by_question.items())]
+    data.counts["rows_after_teacher_data_random"] = len(data.rows)
+
+
+def run_training(args) -> dict:
+    """Build data, model and trainer from TrainArguments, train, save `<output_dir>/final`; returns a summary."""
+    import time
+
+    from transformers import AutoModelForCausalLM
+
+    from args import as_dict
+    from common import UserError, set_seed
+    from generation import load_tokenizer, looks_local
+    from tasks import get_task, load_demos, load_split
+    from train_data import TailoredCollator, TailoredDataset, build_train_data
+
+    started = time.time()
+    if args.deepspeed:
+        if not Path(args.deepspeed).is_file():
+            raise UserError(f"--deepspeed: config {args.deepspeed} not found")
+        distributed.ensure_single_process_env()
+    set_seed(args.seed)
+    loss_cfg = LossConfig.from_args(args)
+    task = get_task(args.task)
+    output_dir = args.output_dir or default_output_dir(args)
+    model_path = args.model_path
+    flag = "--checkpoint" if args.checkpoint else "--load"
+    if looks_local(model_path) and not Path(model_path).is_dir():
+        raise UserError(f"{flag}: checkpoint folder {model_path} not found")
+    for name in ("teacher_data", "cl_pos_path", "cl_neg_path"):
+        path = getattr(args, name)
+        if path and not Path(path).is_file():
+            raise UserError(f"--{name}: {path} not found")
+
+    train = load_split(task.name, "train", args.data_dir)
+    rationale = args.teacher_data is not None
+    demos = load_demos(task, rationale, args.fewshot_file, train, args.seed) if args.fewshot else ""
+    tokenizer = load_tokenizer(model_path, args.trust_remote_code)
+    data = build_train_data(task, train, tokenizer, teacher_data=args.teacher_data, demos=demos,
+                            max_length=args.max_length, cl_pos_path=args.cl_pos_path if args.contrastive else None,
+                            cl_neg_path=args.cl_neg_path if args.contrastive else None, cl_pos_num=args.cl_pos_num,
+                            cl_neg_num=args.cl_neg_num, seed=args.seed)
+    if args.teacher_data_random:
+        keep_one_rationale_per_question(data, args.seed)
+    if distributed.is_main():
+        print("training data: " + ", ".join(f"{k} {v}" for k, v in data.counts.items()))
+    eval_setup = None
+    if args.do_eval:
+        eval_setup = dict(task=task, examples=load_split(task.name, args.eval_split, args.data_dir, args.eval_limit),
+                          demos=load_demos(task, rationale, args.fewshot_file, train, args.seed) if args.fewshot else "",
+                          rationale=rationale, sampling=sampling_for_eval(task, args.eval_bsz))
+
+    bf16, fp16 = precision(args)
+    training_args = training_arguments(args, output_dir, bf16, fp16)  # before the model: ZeRO-3 partitions at load
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_path, use_safetensors=True,
+                                                     trust_remote_code=args.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{flag}: cannot load {model_path} ({str(err).splitlines()[0]})") from None
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+
+    trainer = TailoredTrainer(
+        model=model, args=training_args, train_dataset=TailoredDataset(data, seed=args.seed),
+        eval_dataset=eval_setup["examples"] if eval_setup else None,  # read by our evaluate()
+        data_collator=TailoredCollator(tokenizer.pad_token_id, tokenizer.eos_token_id, contrastive=args.contrastive),
+        processing_class=tokenizer, loss_cfg=loss_cfg, merge_losses=args.merge_losses, eval_setup=eval_setup,
+        callbacks=[SaveExtrasCallback(as_dict(args), args.deepspeed, args.save_best)])
+    resume = None
+    if args.resume:
+        checkpoints = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        if checkpoints:
+            resume = str(checkpoints[-1])
+            if distributed.is_main():
+                print(f"resuming from {resume}")
+        elif distributed.is_main():
+            print(f"--resume: no checkpoint in {output_dir} yet; starting from the beginning")
+    result = trainer.train(resume_from_checkpoint=resume)
+
+    final = Path(output_dir) / "final"
+    trainer.save_model(str(final))  # gathers ZeRO-3 shards into one safetensors file
+    summary = {"output_dir": output_dir, "final_checkpoint": str(final), "steps": trainer.state.global_step,
+               "train_loss": result.training_loss, "seconds": round(time.time() - started, 1),
+               "data": data.counts, "eval": trainer.eval_history}
+    if trainer.is_world_process_zero():
+        atomic_write_json(final / "run_args.json", redact(as_dict(args)))
+        atomic_write_json(Path(output_dir) / "train_summary.json", summary)
+        print_summary(summary)
+    distributed.barrier()
+    return summary
+
+
+def print_summary(summary: dict) -> None:
+    print(f"\ntrained {summary['steps']} steps in {summary['seconds']:.0f}s, mean loss {summary['train_loss']:.4f}")
+    for entry in summary["eval"]:
+        print(f"  epoch {entry['epoch']:.0f}: accuracy {entry['acc']:.4f} (strict {entry['strict_acc']:.4f})")
+    print(f"checkpoint: {summary['final_checkpoint']}  (python infer.py --checkpoint {summary['final_checkpoint']} --rationale)")

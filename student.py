@@ -7,7 +7,6 @@ round-0 student that solves some problems but not all.
 """
 from __future__ import annotations
 
-import math
 import random
 import time
 
@@ -54,9 +53,9 @@ def warm_start(model, tokenizer, pairs: list[tuple[str, str]], steps: int, batch
     rng = random.Random(seed)
     encoded = [tokenizer(p)["input_ids"] + tokenizer(c)["input_ids"] + [tokenizer.eos_token_id] for p, c in pairs]
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    # Linear warm-up then constant, the schedule run_trainer.py uses: later rounds continue the same run.
     warmup = max(1, steps // 10)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     model.train()
     losses, started = [], time.time()
     bar = tqdm(range(steps), desc="warm start", unit="step")

@@ -99,7 +99,7 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in [
              split_alias=(("test", "validation"),)),
     TaskSpec("sqa", "yesno", ("question", "answer"), _from_sqa, ("ChilleD/StrategyQA", None), 4, 128),
     # Embedded offline tasks, written into localdataset/ by prepare_data.py (GSM8K row format).
-    TaskSpec("wordmath", "math", ("question", "answer"), _from_gsm8k, None, 3, 96,
+    TaskSpec("wordmath", "math", ("question", "answer"), _from_gsm8k, None, 3, 192,
              prepare_hint="run `python prepare_data.py` first"),
     TaskSpec("gsm_symbolic", "math", ("question", "answer"), _from_gsm8k, None, 3, 256,
              prepare_hint="run `python prepare_data.py` first"),

@@ -359,12 +359,26 @@ def diagnose(wrong: str, gold_rationale: str, task: TaskSpec, gold: str) -> str:
 
 
 OPENERS = {
-    "annotate": ["", "Let's think step by step.", "We work through the problem one step at a time.",
-                 "Let's follow the numbers in order.", "Start from what the question gives."],
+    "annotate": ["", "Let's think step by step."],
     "feedback": ["Here is the correct reasoning.", "Let's redo it correctly.", "The correct solution goes like this.",
                  "Starting again from the beginning.", "Let's fix it step by step."],
 }
 CONNECTORS = [", so ", ", which gives ", "; hence ", ", and so "]
+
+
+_CONNECTOR = re.compile("|".join(re.escape(c) for c in CONNECTORS))
+_THEREFORE = re.compile(r"\s*Therefore, the answer is [^.]*\.?\s*$")
+
+
+def _rephrase(body: str, connector: str, rng: random.Random) -> str:
+    """The gold steps in another wording: the first step keeps `connector`, later ones are re-drawn,
+    and the gold's own closing sentence gives way to ours."""
+    body = _THEREFORE.sub("", body)
+    for opener in OPENERS["annotate"]:
+        if opener and body.startswith(opener):
+            body = body[len(opener):].lstrip()
+    picks = iter([connector] + [rng.choice(CONNECTORS) for _ in range(len(_CONNECTOR.findall(body)))])
+    return _CONNECTOR.sub(lambda _: next(picks), body)
 
 
 def _variants(kind: str) -> list[tuple[str, str]]:
@@ -410,7 +424,7 @@ class OfflineTeacher:
         texts = []
         for i in picks:
             opener, connector = pool[i]
-            body = tasks.fold(ex.rationale or "").replace(", so ", connector)
+            body = _rephrase(tasks.fold(ex.rationale or ""), connector, rng)
             answer = gold_text(self.task, ex)
             if rng.random() < self._error_rate:
                 answer = _wrong_answer(self.task, ex.gold, rng)

@@ -256,7 +256,9 @@ def run_training(args) -> dict:
         callbacks=[SaveExtrasCallback(as_dict(args), args.deepspeed, args.save_best)])
     resume = None
     if args.resume:
-        checkpoints = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        # trainer_state.json is written last: a checkpoint without it was cut short by the interruption
+        checkpoints = sorted((p for p in Path(output_dir).glob("checkpoint-*") if (p / "trainer_state.json").is_file()),
+                             key=lambda p: int(p.name.split("-")[1]))
         if checkpoints:
             resume = str(checkpoints[-1])
             if distributed.is_main():

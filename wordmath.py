@@ -14,6 +14,10 @@ NAMES = ["Mia", "Leo", "Ava", "Sam", "Zoe", "Max", "Ivy", "Ben", "Eva", "Tom", "
 PRONOUN = {n: ("She" if n in {"Mia", "Ava", "Zoe", "Ivy", "Eva", "Amy", "Kim", "Lily"} else "He") for n in NAMES}
 ITEMS = ["apples", "stickers", "marbles", "books", "coins", "pens", "cards", "shells", "cookies", "stamps"]
 FRIENDS = ["a friend", "a cousin", "a classmate", "a neighbor"]
+# Worked solutions vary their wording the way different writers (or a teacher LLM) would, so a
+# student trained on them reads any of these as the same reasoning step.
+CONNECTORS = [", so ", ", which gives ", "; hence ", ", and so "]
+OPENERS = ["", "", "Let's think step by step. "]
 
 
 @dataclass(frozen=True)
@@ -37,7 +41,7 @@ def _step(rng: random.Random, who: str, item: str, value: int, d: Difficulty):
             new = value + n
             q = rng.choice([f"{she} buys {n} more {item}.", f"{she} finds {n} more {item}.",
                             f"{she} gets {n} {item} from {rng.choice(FRIENDS)}."])
-            r = f"{she} gets {n} more, so {value} + {n} = {new}."
+            r = f"{she} gets {n} more{rng.choice(CONNECTORS)}{value} + {n} = {new}."
         elif kind == "sub":
             if value < 2:
                 continue
@@ -45,13 +49,13 @@ def _step(rng: random.Random, who: str, item: str, value: int, d: Difficulty):
             new = value - n
             q = rng.choice([f"{she} gives {n} {item} to {rng.choice(FRIENDS)}.", f"{she} loses {n} {item}.",
                             f"{she} sells {n} {item}."])
-            r = f"{she} gives away {n}, so {value} - {n} = {new}."
+            r = f"{she} gives away {n}{rng.choice(CONNECTORS)}{value} - {n} = {new}."
         else:
             n = rng.randint(2, d.max_factor)
             new = value * n
             word = {2: "doubles", 3: "triples"}.get(n, f"multiplies by {n}")
             q = f"Then the number of {item} {word}."
-            r = f"The number {word}, so {value} * {n} = {new}."
+            r = f"The number {word}{rng.choice(CONNECTORS)}{value} * {n} = {new}."
         if 0 < new <= d.max_value:
             return q, r, new, [value, {"add": "+", "sub": "-", "mul": "*"}[kind], n, new]
 
@@ -60,7 +64,7 @@ def make_problem(rng: random.Random, d: Difficulty) -> dict:
     who, item = rng.choice(NAMES), rng.choice(ITEMS)
     value = rng.randint(2, d.max_start)
     question = [f"{who} has {value} {item}."]
-    rationale = [f"{who} starts with {value} {item}."]
+    rationale = [f"{rng.choice(OPENERS)}{who} starts with {value} {item}."]
     steps = []
     for _ in range(rng.randint(d.min_steps, d.max_steps)):
         q, r, value, step = _step(rng, who, item, value, d)
@@ -68,6 +72,7 @@ def make_problem(rng: random.Random, d: Difficulty) -> dict:
         rationale.append(r)
         steps.append(step)
     question.append(f"How many {item} does {who} have now?")
+    rationale.append(f"Therefore, the answer is {value}.")
     return {"question": " ".join(question), "answer": " ".join(rationale) + f"\n#### {value}", "steps": steps}
 
 

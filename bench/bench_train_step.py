@@ -7,12 +7,14 @@ init or --load), 8 wordmath rows with teacher rationales, a distinct positive an
 each, `--mle weight --contrastive yes --cl_repr last` (the README run).
 
 Peak memory, honestly per variant:
-  cpu:  (a) bytes of activations autograd saves for backward (saved_tensors_hooks, unique
-        storages, parameters excluded) and (b) the peak RSS a forked child gains over its
-        RSS at fork while running 3 steps of that variant. Children fork before the parent
-        runs any step, so no allocator memory freed by earlier steps hides a peak.
+  both: bytes of activations autograd saves for backward in one step (saved_tensors_hooks,
+        unique storages, parameters excluded);
+  cpu:  the peak RSS gain of 3 steps of that variant in a fresh child process running this
+        same command (kernel high-water mark reset via /proc/self/clear_refs after setup and
+        one warm step; glibc malloc set to unmap freed tensors), so no memory freed by the
+        other variant or kept by the heap hides a peak;
   cuda: torch.cuda.max_memory_allocated during the variant's steps, above the memory held
-        before them (weights, grads, optimizer state).
+        before them (weights, optimizer state: both variants have stepped once before).
 
   python bench/bench_train_step.py                                  # CPU, embedded student
   python bench/bench_train_step.py --fewshot                        # prompts with 3 demos
@@ -26,8 +28,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -74,6 +76,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--peak_flops", type=float, default=989e12, help="peak bf16 FLOP/s (H100 SXM dense: 989e12)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--memory_child", default=None, help=argparse.SUPPRESS)  # internal: measure one variant, print JSON
     return p.parse_args()
 
 
@@ -108,7 +111,7 @@ def teacher_files(task: tasks.TaskSpec, train: list[tasks.Example], folder: Path
 
 def make_batches(args, tokenizer, device) -> tuple[dict, dict, int]:
     task = tasks.get_task(args.task)
-    train = [ex for ex in tasks.load_split(args.task, "train", args.data_dir, limit=200) if ex.rationale]
+    train = [ex for ex in tasks.load_split(args.task, "train", args.data_dir, limit=8 * args.batch) if ex.rationale]
     demos = tasks.load_demos(task, True, train=train, seed=0) if args.fewshot else ""
     with tempfile.TemporaryDirectory() as tmp:
         teacher, neg = teacher_files(task, train[:4 * args.batch], Path(tmp))
@@ -172,42 +175,54 @@ def make_step(name: str, model, optimizer, batch: dict, cfg: LossConfig, autocas
     return step
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _proc_status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def cpu_peak_in_child(step, steps: int) -> dict:
-    """Run `steps` steps in a forked child; its peak RSS gain over the RSS at fork, and saved bytes."""
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: measure, report, never return into the parent's code
-        try:
-            os.close(read)
-            start = rss_bytes()
-            saved = SavedForBackward(step.model) if hasattr(step, "model") else None
-            for _ in range(steps):
-                step(saved)
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-            os.write(write, json.dumps({"peak_rss_gain": peak - start, "saved_bytes": saved.nbytes}).encode())
-        finally:
-            os._exit(0)
-    os.close(write)
-    with os.fdopen(read) as f:
-        text = f.read()
-    os.waitpid(pid, 0)
-    return json.loads(text)
+def cpu_peak_here(step, steps: int, model) -> dict:
+    """Peak RSS gain over `steps` steps in this (fresh) process: the kernel's high-water mark is reset first.
+
+    One step runs before the reset, so the optimizer state (the same for both variants) is not counted."""
+    import gc
+    step()
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+    start = _proc_status("VmRSS")
+    saved = []
+    for _ in range(steps):
+        saved.append(SavedForBackward(model))
+        step(saved[-1])
+    return {"peak_rss_gain": _proc_status("VmHWM") - start, "saved_bytes": max(s.nbytes for s in saved)}
+
+
+def cpu_peak_in_child(name: str, steps: int) -> dict:
+    """The same command in a fresh process that measures one variant only.
+
+    A fresh process, not a fork: OpenMP thread pools do not survive fork (the child hangs), and a
+    process that already ran steps keeps freed allocator memory that would hide the peak. glibc
+    malloc gets a fixed mmap threshold, so every tensor above 64 KiB is mapped on allocation and
+    unmapped on free: RSS then follows live memory instead of the heap's high-water mark."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    out = subprocess.run([sys.executable, *sys.argv, "--memory_child", name, "--memory_steps", str(steps)],
+                         capture_output=True, text=True, check=True, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def cuda_peak(step, steps: int, model) -> dict:
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    saved = SavedForBackward(model)
+    saved = []
     for _ in range(steps):
-        step(saved)
+        saved.append(SavedForBackward(model))
+        step(saved[-1])
     torch.cuda.synchronize()
-    return {"peak_alloc_gain": torch.cuda.max_memory_allocated() - before, "saved_bytes": saved.nbytes}
+    return {"peak_alloc_gain": torch.cuda.max_memory_allocated() - before, "saved_bytes": max(s.nbytes for s in saved)}
 
 
 def timed(step, n: int, sync) -> float:
@@ -234,8 +249,6 @@ def main() -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.01)
     steps = {"shared": make_step("shared", model, optimizer, ours_batch, cfg, autocast),
              "five": make_step("five", model, optimizer, five_batch, cfg, autocast)}
-    for step in steps.values():
-        step.model = model
     n_params = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     print(f"model: {args.load or args.config} ({n_params / 1e6:.2f}M params w/o input embeddings), {precision}, "
@@ -243,20 +256,21 @@ def main() -> None:
           f"(prefix width {ours_batch['prefix_ids'].shape[1]}, continuation width {ours_batch['cont_ids'].shape[1]}, "
           f"pos/neg width {ours_batch['contrast_ids'].shape[1]}), mle {args.mle}, cl_repr {args.cl_repr}", flush=True)
 
+    if args.memory_child:
+        print(json.dumps(cpu_peak_here(steps[args.memory_child], args.memory_steps, model)))
+        return
+
     # Values first: both steps compute the same losses on the same weights.
     with torch.no_grad(), autocast():
         a, _ = compute_tailored_loss(model, ours_batch, cfg)
         b, _ = five_pass_loss(model, five_batch, cfg)
     print(f"loss on the same weights: shared {a.item():.6f}  five-pass {b.item():.6f}")
 
-    memory = {}
-    for name, step in steps.items():  # before any timed step (see module docstring)
-        memory[name] = (cpu_peak_in_child(step, args.memory_steps) if device.type == "cpu"
-                        else cuda_peak(step, args.memory_steps, model))
-
-    for _ in range(args.warmup):
+    for _ in range(max(1, args.warmup)):  # also creates the optimizer state before any memory is measured
         for step in steps.values():
             step()
+    memory = {name: (cpu_peak_in_child(name, args.memory_steps) if device.type == "cpu"
+                     else cuda_peak(step, args.memory_steps, model)) for name, step in steps.items()}
     seconds = {name: [] for name in steps}
     for r in range(args.rounds):
         order = list(steps) if r % 2 == 0 else list(reversed(steps))

@@ -1,0 +1,56 @@
+"""The round driver on the tiny student: two rounds end to end, manifests, resume, the table and plot."""
+from __future__ import annotations
+
+import json
+
+from conftest import run_script
+
+
+def driver_argv(student, data_dir, workdir, *extra):
+    return ["run_rounds.py", "--task", "wordmath", "--data_dir", str(data_dir), "--student", str(student),
+            "--workdir", str(workdir), "--rounds", "2", "--exam_limit", "24", "--sample_num", "2",
+            "--exam_max_new_tokens", "64", "--epoch", "1", "--train_bsz", "4", "--lr", "1e-3",
+            "--warmup_steps", "2", "--eval_limit", "12", *extra]
+
+
+def test_two_rounds_end_to_end_then_resume_skips_everything(tiny_student, data_dir, tmp_path):
+    workdir = tmp_path / "runs"
+    result = run_script(*driver_argv(tiny_student, data_dir, workdir), timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+    commands = [line for line in result.stdout.splitlines() if line.startswith("$ ")]
+    scripts = [c.split()[2] for c in commands]
+    assert scripts == ["infer.py",  # round 0
+                       "infer_student_wrong.py", "query_teacher.py", "run_trainer.py", "infer.py",  # round 1
+                       "infer_student_wrong.py", "query_teacher.py", "run_trainer.py", "infer.py"]  # round 2
+    assert "--mode annotate" in commands[2] and "--mode feedback" in commands[6]
+
+    first = json.loads((workdir / "round1" / "manifest.json").read_text())
+    second = json.loads((workdir / "round2" / "manifest.json").read_text())
+    assert first["start_checkpoint"] == str(tiny_student)
+    assert second["start_checkpoint"] == first["checkpoint"] == str(workdir / "round1" / "train" / "final")
+    assert second["teacher"]["template_hash"] and second["teacher"]["model"]
+    assert second["exam"]["student_wrong"].endswith("round2/exam/student_wrong.json")
+    # keep_previous_data: round 2 trains on round 1's teacher data too
+    merged = json.loads((workdir / "round2" / "train_teacher_data.json").read_text())
+    round1_data = json.loads((workdir / "round1" / "teacher" / "teacher_data.json").read_text())
+    assert set(round1_data) <= set(merged)
+    for manifest in (first, second):
+        assert 0 <= manifest["eval"]["acc"] <= 1 and manifest["eval"]["total"] == 12
+        assert manifest["seconds"] > 0
+    rows = json.loads((workdir / "rounds.json").read_text())
+    assert [row["round"] for row in rows] == [0, 1, 2]
+    assert (workdir / "rounds.png").stat().st_size > 1000
+    table = result.stdout[result.stdout.index("round  accuracy"):]
+    assert len([line for line in table.splitlines() if line.strip()[:1].isdigit()]) == 3
+
+    again = run_script(*driver_argv(tiny_student, data_dir, workdir), timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert not [line for line in again.stdout.splitlines() if line.startswith("$ ")]  # every stage skipped
+    assert json.loads((workdir / "rounds.json").read_text()) == rows
+
+
+def test_start_round_needs_earlier_manifests(tiny_student, data_dir, tmp_path):
+    result = run_script(*driver_argv(tiny_student, data_dir, tmp_path / "empty", "--start_round", "2"))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --start_round")

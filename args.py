@@ -5,7 +5,6 @@ original README uses both.
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import asdict, dataclass, field
 
 from transformers import HfArgumentParser
@@ -148,14 +147,14 @@ class RoundsArguments:
     teacher_samples: int = field(default=2, metadata={"help": "Rationales per teacher request."})
     max_cost: float | None = field(default=None, metadata={"help": "Teacher spend limit (USD) per stage."})
     keep_previous_data: bool = field(default=True, metadata={"help": "Round r >= 2 also trains on the earlier rounds' teacher data and negatives."})
-    exam_limit: int | None = field(default=600, metadata={"help": "Questions of the train split in each exam and the round-1 annotation (None: all)."})
+    exam_limit: int | None = field(default=600, metadata={"help": "Exam only the first N train questions (0: all). Round 1's annotation covers the whole split."})
     exam_batch: int = field(default=32, metadata={"help": "Exam prompts per batch."})
     sample_num: int = field(default=4, metadata={"help": "Exam samples per question."})
-    exam_max_new_tokens: int = field(default=96, metadata={"help": "Exam tokens per sample."})
-    epoch: float = field(default=2, metadata={"help": "Training epochs per round."})
+    exam_max_new_tokens: int = field(default=160, metadata={"help": "Exam tokens per sample."})
+    epoch: float = field(default=1, metadata={"help": "Training epochs per round."})
     max_steps: int = field(default=-1, metadata={"help": "Cap on training steps per round."})
     train_bsz: int = field(default=16, metadata={"help": "Training batch size per process."})
-    lr: float = field(default=1e-3, metadata={"help": "Learning rate (the tiny student wants a large one; GPT-J used 7e-6)."})
+    lr: float = field(default=5e-4, metadata={"help": "Learning rate (the tiny student's warm start used 2e-3; GPT-J used 7e-6)."})
     warmup_steps: int = field(default=20, metadata={"help": "Warm-up steps."})
     contrastive: bool = field(default=True, metadata={"help": "Self-reflection triplet loss."})
     cl_ratio: float = field(default=0.5, metadata={"help": "Weight of the triplet loss."})

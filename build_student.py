@@ -31,7 +31,7 @@ class StudentArguments:
     warm_steps: int = field(default=600, metadata={"help": "Warm-start optimizer steps (0: random weights)."})
     warm_examples: int = field(default=1000, metadata={"help": "Train problems used by the warm start."})
     batch_size: int = field(default=32, metadata={"help": "Warm-start batch size."})
-    lr: float = field(default=4e-3, metadata={"help": "Warm-start peak learning rate."})
+    lr: float = field(default=2e-3, metadata={"help": "Warm-start peak learning rate."})
     seed: int = field(default=0, metadata={"help": "Seed for weights and batches."})
     force: bool = field(default=False, metadata={"help": "Rebuild even if --out already holds a student built with these settings."})
 

@@ -54,6 +54,12 @@ def relaunch_if_needed(devices: list[str]) -> None:
     sys.exit(subprocess.call(command, env=env))
 
 
+def start(devices: list[str]) -> None:
+    """A script's first step: re-launch per device if needed, then join the process group."""
+    relaunch_if_needed(devices)
+    init_process_group()
+
+
 def ensure_single_process_env() -> None:
     """DeepSpeed looks for MPI when no launcher set these; one process needs them spelled out."""
     if "WORLD_SIZE" not in os.environ:

@@ -11,14 +11,15 @@ from pathlib import Path
 
 import distributed
 from args import InferArguments, as_dict, device_list, parse
-from common import UserError, atomic_write_json, cli_main, redact, set_seed
+from common import atomic_write_json, cli_main, redact, set_seed
 from generation import SamplingConfig, evaluate, load_model, looks_local, torch_dtype
 from tasks import get_task, load_demos, load_split
 
 
-def default_output_dir(args: InferArguments) -> str:
+def default_output_dir(args, stage: str) -> str:
+    """<checkpoint>/<stage>_<split>[_<note>], or outputs/<hub name>/... for a hub model."""
     base = args.model_path if looks_local(args.model_path) else os.path.join("outputs", args.model_path.replace("/", "_"))
-    return os.path.join(base, f"eval_{args.test_on}")
+    return os.path.join(base, f"{stage}_{args.test_on}" + (f"_{args.note}" if args.note else ""))
 
 
 def demos_for(args, task) -> str:
@@ -29,8 +30,8 @@ def demos_for(args, task) -> str:
     return load_demos(task, args.rationale, args.fewshot_file, train, args.seed)
 
 
-def run(args: InferArguments) -> dict | None:
-    """Evaluate and write Acc<acc>.json; returns the result on rank 0 (None elsewhere)."""
+def setup(args):
+    """Task, examples of --test_on, demos, and the model on this process's device."""
     set_seed(args.seed)
     task = get_task(args.task)
     examples = load_split(task.name, args.test_on, args.data_dir, args.limit)
@@ -38,11 +39,17 @@ def run(args: InferArguments) -> dict | None:
     model, tokenizer = load_model(args.model_path, torch_dtype(args.fp16, args.bf16), args.trust_remote_code,
                                   flag="--checkpoint" if args.checkpoint else "--load")
     model.to(distributed.device())
+    return task, examples, demos, model, tokenizer
+
+
+def run(args: InferArguments) -> dict | None:
+    """Evaluate and write Acc<acc>.json; returns the result on rank 0 (None elsewhere)."""
+    task, examples, demos, model, tokenizer = setup(args)
     cfg = SamplingConfig(max_new_tokens=args.max_new_tokens or task.max_new_tokens, batch_size=args.batch)
     result = evaluate(model, tokenizer, task, examples, demos, args.rationale, cfg, desc=f"eval {task.name}/{args.test_on}")
     if result is None:
         return None
-    output_dir = Path(args.output_dir or default_output_dir(args))
+    output_dir = Path(args.output_dir or default_output_dir(args, "eval"))
     result = {"args": redact(as_dict(args)), **result}
     path = output_dir / f"Acc{result['acc']:.4f}.json"
     atomic_write_json(path, result)
@@ -55,8 +62,7 @@ def run(args: InferArguments) -> dict | None:
 @cli_main
 def main() -> None:
     args = parse(InferArguments)
-    distributed.relaunch_if_needed(device_list(args.device))
-    distributed.init_process_group()
+    distributed.start(device_list(args.device))
     run(args)
 
 

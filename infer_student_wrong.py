@@ -7,21 +7,15 @@ answered right in every sample absent), samples.jsonl (every sample) and summary
 """
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 import distributed
 from args import ExamArguments, as_dict, device_list, parse
-from common import atomic_write_json, atomic_write_jsonl, cli_main, redact, set_seed
-from generation import SamplingConfig, generate, load_model, looks_local, torch_dtype
-from infer import demos_for
-from tasks import build_prompt, get_task, grade, load_split
-
-
-def default_output_dir(args: ExamArguments) -> str:
-    base = args.model_path if looks_local(args.model_path) else os.path.join("outputs", args.model_path.replace("/", "_"))
-    return os.path.join(base, f"exam_{args.test_on}" + (f"_{args.note}" if args.note else ""))
+from common import atomic_write_json, atomic_write_jsonl, cli_main, redact
+from generation import SamplingConfig, generate
+from infer import default_output_dir, setup
+from tasks import build_prompt, grade
 
 
 def collect_mistakes(task, examples, outputs: list[list[str]], rationale: bool):
@@ -40,13 +34,7 @@ def collect_mistakes(task, examples, outputs: list[list[str]], rationale: bool):
 
 def run(args: ExamArguments) -> dict | None:
     started = time.time()
-    set_seed(args.seed)
-    task = get_task(args.task)
-    examples = load_split(task.name, args.test_on, args.data_dir, args.limit)
-    demos = demos_for(args, task)
-    model, tokenizer = load_model(args.model_path, torch_dtype(args.fp16, args.bf16), args.trust_remote_code,
-                                  flag="--checkpoint" if args.checkpoint else "--load")
-    model.to(distributed.device())
+    task, examples, demos, model, tokenizer = setup(args)
     cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch, do_sample=True,
                          num_samples=args.sample_num, temperature=args.temperature, top_k=args.top_k, seed=args.seed)
     prompts = [build_prompt(task, ex, demos, args.rationale) for ex in examples]
@@ -62,7 +50,7 @@ def run(args: ExamArguments) -> dict | None:
                f"pass@{args.sample_num}": sum(c > 0 for c in per_question) / max(1, n),
                "questions_with_mistakes": len(wrong), "wrong_rationales": sum(map(len, wrong.values())),
                "seconds": round(time.time() - started, 1)}
-    out = Path(args.output_dir or default_output_dir(args))
+    out = Path(args.output_dir or default_output_dir(args, "exam"))
     atomic_write_jsonl(out / "samples.jsonl", samples)
     atomic_write_json(out / "student_wrong.json", wrong)
     atomic_write_json(out / "summary.json", summary)
@@ -75,8 +63,7 @@ def run(args: ExamArguments) -> dict | None:
 @cli_main
 def main() -> None:
     args = parse(ExamArguments)
-    distributed.relaunch_if_needed(device_list(args.device))
-    distributed.init_process_group()
+    distributed.start(device_list(args.device))
     run(args)
 
 

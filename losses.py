@@ -10,8 +10,9 @@ run a training step's forwards on a batch:
   `train_data.TailoredCollator`, where every prefix ends at the same column P):
     mle weight|hf: ONE forward on [prefix | continuation] with grad gives the LM logits and
         the anchor representation; its KV cache, cut to the first P columns and detached,
-        is the prefix cache of ONE forward over positives and negatives together.
-        2 forwards instead of 5; the anchor's activations are not stored twice.
+        is the prefix cache of ONE forward over positives and negatives together, run only
+        for the rows that have a triplet. 2 forwards instead of 5; the anchor's activations
+        are not stored twice.
     mle nograd|no: the prefix without grad, then ONE forward over [anchor, pos, neg] on the
         prefix cache repeated x3. 2 forwards instead of 4-5.
   When the full forward returns no reusable cache (gradient checkpointing turns the cache off,
@@ -152,7 +153,8 @@ def _forward(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, posi
 
 
 def _output_cache(output):
-    return getattr(output, "cache", None) or getattr(output, "past_key_values", None)
+    cache = getattr(output, "cache", None)  # transformers >= 5.2x; `past_key_values` before
+    return cache if cache is not None else getattr(output, "past_key_values", None)
 
 
 @contextmanager
@@ -172,8 +174,8 @@ def final_hidden(model: torch.nn.Module) -> Iterator[dict]:
         handle.remove()
 
 
-def reuse_prefix_cache(cache, width: int, repeats: int):
-    """The full forward's cache cut to its first `width` columns, detached, each row repeated.
+def reuse_prefix_cache(cache, width: int, repeats: int, rows: torch.Tensor):
+    """The full forward's cache for `rows`, cut to its first `width` columns, detached, each row repeated.
 
     None when the cache cannot be cut that way (absent, sliding-window or other special layers)."""
     layers = getattr(cache, "layers", None)
@@ -181,22 +183,29 @@ def reuse_prefix_cache(cache, width: int, repeats: int):
         return None
     for layer in layers:
         # Detached: the triplet loss must not push gradients into the prefix through pos/neg (as in the
-        # original, whose prefix ran without grad). repeat_interleave copies, freeing the full-width cache.
-        layer.keys = layer.keys[..., :width, :].detach()
-        layer.values = layer.values[..., :width, :].detach()
+        # original, whose prefix ran without grad). Indexing copies, freeing the full-width cache.
+        layer.keys = layer.keys[rows, :, :width].detach()
+        layer.values = layer.values[rows, :, :width].detach()
     cache.batch_repeat_interleave(repeats)
     return cache
 
 
-def prefix_cache(model: torch.nn.Module, batch: dict, repeats: int):
-    """KV cache of the left-padded prefixes, computed without grad, each row repeated `repeats` times."""
+def prefix_cache(model: torch.nn.Module, batch: dict, repeats: int, rows: torch.Tensor | None = None):
+    """KV cache of the left-padded prefixes (of `rows`), computed without grad, each row repeated."""
     width = batch["prefix_ids"].shape[1]
+    pick = slice(None) if rows is None else rows
     with torch.no_grad():
-        out = _forward(model, batch["prefix_ids"], batch["prefix_mask"], batch["position_ids"][:, :width],
-                       use_cache=True, logits=False)
+        out = _forward(model, batch["prefix_ids"][pick], batch["prefix_mask"][pick],
+                       batch["position_ids"][pick, :width], use_cache=True, logits=False)
     cache = _output_cache(out)
     cache.batch_repeat_interleave(repeats)
     return cache
+
+
+def triplet_rows(triplet_mask: torch.Tensor) -> torch.Tensor:
+    """Rows that have a triplet; row 0 alone when none has (the forward must still run on every rank)."""
+    rows = triplet_mask.nonzero().flatten()
+    return rows if rows.numel() else torch.zeros(1, dtype=torch.long, device=triplet_mask.device)
 
 
 def _pad_right(t: torch.Tensor, width: int, value: int = 0) -> torch.Tensor:
@@ -224,19 +233,26 @@ def compute_tailored_loss(model: torch.nn.Module, batch: dict, cfg: LossConfig) 
                               cfg.mle, cfg.mle_w)
         if not cfg.contrastive:
             return lm, {"lm_loss": lm.detach()}
-        anchor_hidden = full["hidden"][:, width:]
-        cache = reuse_prefix_cache(_output_cache(out), width, 2)
+        # Positives and negatives only for rows that have a triplet (rows without one are masked out anyway).
+        rows = triplet_rows(batch["triplet_mask"])
+        pairs = torch.stack([2 * rows, 2 * rows + 1], 1).flatten()
+        anchor_hidden, anchor_mask = full["hidden"][rows, width:], cont_mask[rows]
+        cache = reuse_prefix_cache(_output_cache(out), width, 2, rows)
         if cache is None:
-            cache = prefix_cache(model, batch, 2)
+            cache = prefix_cache(model, batch, 2, rows)
         del out, full
-        contrast_ids, contrast_mask = batch["contrast_ids"], batch["contrast_mask"]
+        contrast_mask = batch["contrast_mask"][pairs]
+        columns = int(contrast_mask.sum(1).max())  # right-padded: drop columns only dropped rows used
+        contrast_mask = contrast_mask[:, :columns]
         with final_hidden(model) as contrast:
-            _forward(model, contrast_ids, torch.cat([prefix_mask.repeat_interleave(2, 0), contrast_mask], 1),
-                     batch["contrast_position_ids"], cache=cache, use_cache=True, logits=False)
+            _forward(model, batch["contrast_ids"][pairs, :columns],
+                     torch.cat([prefix_mask[rows].repeat_interleave(2, 0), contrast_mask], 1),
+                     batch["contrast_position_ids"][pairs, :columns], cache=cache, use_cache=True, logits=False)
         hidden = contrast["hidden"]
-        anchor = representation(anchor_hidden, cont_mask, cfg.cl_repr)
+        anchor = representation(anchor_hidden, anchor_mask, cfg.cl_repr)
         positive = representation(hidden[0::2], contrast_mask[0::2], cfg.cl_repr)
         negative = representation(hidden[1::2], contrast_mask[1::2], cfg.cl_repr)
+        row_mask = batch["triplet_mask"][rows]
     else:
         # nograd / no: the prefix never gets grad, so anchor, positive and negative share one forward.
         columns = max(cont_ids.shape[1], batch["contrast_ids"].shape[1])
@@ -252,7 +268,8 @@ def compute_tailored_loss(model: torch.nn.Module, batch: dict, cfg: LossConfig) 
         lm = (weighted_lm_loss(out.logits[0::3], ids[0::3], mask[0::3], mask[0::3], "nograd")
               if cfg.mle == "nograd" else hidden.new_zeros((), dtype=torch.float32))
         anchor, positive, negative = (representation(hidden[k::3], mask[k::3], cfg.cl_repr) for k in range(3))
-    cl = triplet_loss(anchor, positive, negative, batch["triplet_mask"], cfg.cl_p) * cfg.cl_ratio
+        row_mask = batch["triplet_mask"]
+    cl = triplet_loss(anchor, positive, negative, row_mask, cfg.cl_p) * cfg.cl_ratio
     metrics = {"lm_loss": lm.detach(), "cl_loss": cl.detach(), "triplet_fraction": batch["triplet_mask"].float().mean()}
     return lm + cl, metrics
 

@@ -12,7 +12,6 @@ training from the round r-1 checkpoint (with earlier rounds' data too if --keep_
 from __future__ import annotations
 
 import glob
-import json
 import shlex
 import subprocess
 import sys
@@ -98,8 +97,6 @@ class RoundDriver:
                     "--num_samples", str(a.teacher_samples), "--output_dir", str(out), "--seed", str(a.seed)]
             if a.base_url:
                 argv += ["--base_url", a.base_url]
-            if mode == "annotate" and a.exam_limit:
-                argv += ["--limit", str(a.exam_limit)]
             if student_wrong:
                 argv += ["--student_wrong", student_wrong]
             if a.max_cost:

@@ -8,7 +8,6 @@ With the default embedded student and task it first prepares the data and builds
 """
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 

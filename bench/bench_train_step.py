@@ -2,9 +2,12 @@
 
 Both steps (loss + backward + AdamW step) run side by side in this process on the same batch
 and the same model: warm-up, then timed rounds that alternate which variant goes first.
+Steps/s come from the median round; the speed-up is also given as the median of the per-round
+ratios (adjacent rounds share the machine's load, which matters on a busy 2-core box).
 Default: the embedded student architecture (GPT-J, n_layer 4, n_embd 128, vocab 512, random
 init or --load), 8 wordmath rows with teacher rationales, a distinct positive and a negative
-each, `--mle weight --contrastive yes --cl_repr last` (the README run).
+each (--triplet_share < 1 masks some rows out, as rows without a negative are in real runs),
+`--mle weight --contrastive yes --cl_repr last` (the README run).
 
 Peak memory, honestly per variant:
   both: bytes of activations autograd saves for backward in one step (saved_tensors_hooks,
@@ -28,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -64,14 +68,16 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--data_dir", default="localdataset")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--fewshot", action="store_true", help="prompts carry the task's demos (--fewshot yes)")
+    p.add_argument("--triplet_share", type=float, default=1.0,
+                   help="share of batch rows with a positive and a negative (the others are masked out)")
     p.add_argument("--mle", default="weight")
     p.add_argument("--cl_repr", default="last")
     p.add_argument("--precision", default=None, choices=["fp32", "bf16", "autocast"],
                    help="fp32, pure bf16 weights, or bf16 autocast over fp32 weights "
                         "(default: fp32 on cpu, bf16 for --config 1.3b, autocast otherwise on cuda)")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--rounds", type=int, default=6)
-    p.add_argument("--steps_per_round", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--steps_per_round", type=int, default=1)
     p.add_argument("--memory_steps", type=int, default=3)
     p.add_argument("--peak_flops", type=float, default=989e12, help="peak bf16 FLOP/s (H100 SXM dense: 989e12)")
     p.add_argument("--threads", type=int, default=None)
@@ -99,11 +105,12 @@ def make_tokenizer_and_model(args, train: list[tasks.Example]):
 
 def teacher_files(task: tasks.TaskSpec, train: list[tasks.Example], folder: Path) -> tuple[str, str]:
     """Offline stand-ins: two teacher phrasings per question (positives) and two wrong student rationales."""
-    teacher = {ex.question: [f"{tasks.fold(ex.rationale)} Therefore, the answer is {ex.gold}.",
-                             f"Let us think step by step. {tasks.fold(ex.rationale)} Therefore, the answer is {ex.gold}."]
+    steps = {ex.question: re.sub(r"\s*Therefore, the answer is [^.]*\.$", "", tasks.fold(ex.rationale)) for ex in train}
+    teacher = {ex.question: [f"{steps[ex.question]} Therefore, the answer is {ex.gold}.",
+                             f"Let us think step by step. {steps[ex.question]} Therefore, the answer is {ex.gold}."]
                for ex in train}
-    wrong = {ex.question: [f"{tasks.fold(ex.rationale)}\nAnswer: {int(ex.gold) + 1}",
-                           f"{tasks.fold(ex.rationale).rsplit(' ', 2)[0]}\nAnswer: {int(ex.gold) + 7}"] for ex in train}
+    wrong = {ex.question: [f"{steps[ex.question]}\nAnswer: {int(ex.gold) + 1}",
+                           f"{steps[ex.question].rsplit(' ', 2)[0]}\nAnswer: {int(ex.gold) + 7}"] for ex in train}
     (folder / "teacher.json").write_text(json.dumps(teacher))
     (folder / "neg.json").write_text(json.dumps(wrong))
     return str(folder / "teacher.json"), str(folder / "neg.json")
@@ -126,6 +133,8 @@ def make_batches(args, tokenizer, device) -> tuple[dict, dict, int]:
             questions.add(f["qid"])
         if len(picked) == args.batch:
             break
+    without = args.batch - round(args.triplet_share * args.batch)  # these rows lose their triplet
+    picked = picked[:args.batch - without] + [dict(f, pos_ids=None, neg_ids=None) for f in picked[args.batch - without:]]
     collate = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, contrastive=True)
     ours = {k: v.to(device) for k, v in TailoredCollator(**collate)(picked).items()}
     five = {k: v.to(device) for k, v in FivePassCollator(**collate)(picked).items()}
@@ -252,7 +261,8 @@ def main() -> None:
     n_params = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     print(f"model: {args.load or args.config} ({n_params / 1e6:.2f}M params w/o input embeddings), {precision}, "
-          f"device {device}, batch {args.batch} rows, {text_tokens} text tokens "
+          f"device {device}, {torch.get_num_threads()} threads, batch {args.batch} rows "
+          f"({ours_batch['triplet_mask'].sum():.0f} with a triplet), {text_tokens} text tokens "
           f"(prefix width {ours_batch['prefix_ids'].shape[1]}, continuation width {ours_batch['cont_ids'].shape[1]}, "
           f"pos/neg width {ours_batch['contrast_ids'].shape[1]}), mle {args.mle}, cl_repr {args.cl_repr}", flush=True)
 
@@ -277,8 +287,10 @@ def main() -> None:
         for name in order:
             seconds[name].append(timed(steps[name], args.steps_per_round, sync) / args.steps_per_round)
 
+    # Adjacent shared/five rounds see the same machine load: their ratio is robust to load bursts.
+    paired = statistics.median(f / s for f, s in zip(seconds["five"], seconds["shared"]))
     results = {"args": vars(args), "precision": precision, "text_tokens_per_step": text_tokens,
-               "params_without_input_embeddings": n_params}
+               "params_without_input_embeddings": n_params, "paired_speedup": paired}
     for name in steps:
         per_step = statistics.median(seconds[name])
         tokens_per_s = text_tokens / per_step
@@ -296,7 +308,7 @@ def main() -> None:
         print(line)
     speedup = results["shared"]["steps_per_s"] / results["five"]["steps_per_s"]
     results["speedup"] = speedup
-    print(f"speed-up {speedup:.2f}x steps/s; peak memory ratio (shared / five) "
+    print(f"speed-up {speedup:.2f}x steps/s (median of per-round ratios {paired:.2f}x); peak memory ratio (shared / five) "
           f"{results['shared'][mem_key] / max(1, results['five'][mem_key]):.2f}, saved-for-backward ratio "
           f"{results['shared']['saved_bytes'] / max(1, results['five']['saved_bytes']):.2f}")
     if args.json:

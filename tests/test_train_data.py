@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -35,8 +36,13 @@ def make_tokenizer(examples: list[tasks.Example]):
     return student.train_tokenizer(texts, vocab_size=384)
 
 
+def steps_of(ex: tasks.Example) -> str:
+    """The gold rationale without its closing 'Therefore, the answer is N.' sentence."""
+    return re.sub(r"\s*Therefore, the answer is [^.]*\.$", "", tasks.fold(ex.rationale))
+
+
 def teacher_rationale(ex: tasks.Example, opener: str = "", answer: str | None = None) -> str:
-    return f"{opener}{tasks.fold(ex.rationale)} Therefore, the answer is {answer or ex.gold}."
+    return f"{opener}{steps_of(ex)} Therefore, the answer is {answer or ex.gold}."
 
 
 def write_json(path: Path, obj) -> str:
@@ -57,9 +63,9 @@ def triplet_files(tmp: Path, examples: list[tasks.Example]) -> tuple[str, str, s
     teacher[examples[1].question] = teacher[examples[1].question][:1]
     teacher[examples[2].question] = [{"question": examples[2].question, "answer": t, "final_ans": examples[2].gold}
                                      for t in teacher[examples[2].question]]
-    negatives = {ex.question: [f"{tasks.fold(ex.rationale)}\nAnswer: 100000", "I guess 100001."]
+    negatives = {ex.question: [f"{steps_of(ex)}\nAnswer: 100000", "I guess 100001."]
                  for i, ex in enumerate(examples[:12]) if i != 4}
-    negatives[examples[5].question] = [f"{ex_r}\nAnswer: {examples[5].gold}" for ex_r in [tasks.fold(examples[5].rationale)]]
+    negatives[examples[5].question] = [f"{steps_of(examples[5])}\nAnswer: {examples[5].gold}"]
     path = write_json(tmp / "teacher.json", teacher)
     return path, path, write_json(tmp / "neg.json", negatives)
 

@@ -16,7 +16,9 @@ run a training step's forwards on a batch:
     mle nograd|no: the prefix without grad, then ONE forward over [anchor, pos, neg] on the
         prefix cache repeated x3. 2 forwards instead of 4-5.
   When the full forward returns no reusable cache (gradient checkpointing turns the cache off,
-  sliding-window layers), the prefix is run once more without grad — still 3 forwards.
+  sliding-window layers), the prefix is run once more without grad — still 3 forwards. Under
+  gradient checkpointing the forwards that read the prefix cache run unchecked (`cache_kept`):
+  transformers 5 layers silently drop a passed cache when checkpointing.
 
 Values are identical to `five_pass_loss` (tests hold them to 1e-4). One intended gradient
 difference: in modes weight/hf the triplet loss's gradient through the ANCHOR also reaches the
@@ -62,8 +64,8 @@ class LossConfig:
         check_mle_mode(self.mle)
         if self.cl_repr not in REPR_MODES:
             raise UserError(f"--cl_repr must be one of {', '.join(REPR_MODES)}, got {self.cl_repr!r}")
-        if self.mle in ("nograd", "no") and not self.contrastive:
-            raise UserError(f"--mle {self.mle} trains only through the triplet loss: it needs --contrastive yes")
+        if self.mle == "no" and not self.contrastive:
+            raise UserError("--mle no trains only through the triplet loss: it needs --contrastive yes")
 
     @classmethod
     def from_args(cls, args) -> "LossConfig":
@@ -174,6 +176,31 @@ def final_hidden(model: torch.nn.Module) -> Iterator[dict]:
         handle.remove()
 
 
+def _checkpointing(model: torch.nn.Module) -> bool:
+    inner = unwrap(model)
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # renamed in transformers 5.2x
+        if hasattr(type(inner), name):
+            return bool(getattr(inner, name))
+    return False
+
+
+@contextmanager
+def cache_kept(model: torch.nn.Module) -> Iterator[None]:
+    """Run a forward that reads a KV cache without gradient checkpointing.
+
+    Under checkpointing, transformers 5 layers silently DROP a passed cache (the replay would update it
+    twice), so a continuation would lose its prefix. The forwards that read the prefix cache therefore run
+    unchecked (their activations are kept: more memory, same values); everything else stays checkpointed."""
+    flagged = [m for m in unwrap(model).modules() if getattr(m, "gradient_checkpointing", False) is True]
+    for module in flagged:
+        module.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for module in flagged:
+            module.gradient_checkpointing = True
+
+
 def reuse_prefix_cache(cache, width: int, repeats: int, rows: torch.Tensor):
     """The full forward's cache for `rows`, cut to its first `width` columns, detached, each row repeated.
 
@@ -228,7 +255,9 @@ def compute_tailored_loss(model: torch.nn.Module, batch: dict, cfg: LossConfig) 
     if cfg.mle in ("weight", "hf"):
         ids, mask = torch.cat([prefix_ids, cont_ids], 1), torch.cat([prefix_mask, cont_mask], 1)
         with final_hidden(model) as full:
-            out = _forward(model, ids, mask, batch["position_ids"], use_cache=cfg.contrastive)
+            # Under checkpointing the layers would turn the cache off anyway (with a warning): fall back below.
+            reuse = cfg.contrastive and not _checkpointing(model)
+            out = _forward(model, ids, mask, batch["position_ids"], use_cache=reuse)
         lm = weighted_lm_loss(out.logits, ids, mask, torch.cat([torch.zeros_like(prefix_mask), cont_mask], 1),
                               cfg.mle, cfg.mle_w)
         if not cfg.contrastive:
@@ -244,7 +273,7 @@ def compute_tailored_loss(model: torch.nn.Module, batch: dict, cfg: LossConfig) 
         contrast_mask = batch["contrast_mask"][pairs]
         columns = int(contrast_mask.sum(1).max())  # right-padded: drop columns only dropped rows used
         contrast_mask = contrast_mask[:, :columns]
-        with final_hidden(model) as contrast:
+        with final_hidden(model) as contrast, cache_kept(model):
             _forward(model, batch["contrast_ids"][pairs, :columns],
                      torch.cat([prefix_mask[rows].repeat_interleave(2, 0), contrast_mask], 1),
                      batch["contrast_position_ids"][pairs, :columns], cache=cache, use_cache=True, logits=False)
@@ -261,7 +290,7 @@ def compute_tailored_loss(model: torch.nn.Module, batch: dict, cfg: LossConfig) 
         positions = _interleave(_pad_right(batch["position_ids"][:, width:], columns),
                                 _pad_right(batch["contrast_position_ids"], columns))
         cache = prefix_cache(model, batch, 3)
-        with final_hidden(model) as store:
+        with final_hidden(model) as store, cache_kept(model):
             out = _forward(model, ids, torch.cat([prefix_mask.repeat_interleave(3, 0), mask], 1), positions,
                            cache=cache, use_cache=True, logits=cfg.mle == "nograd")
         hidden = store["hidden"]
@@ -295,9 +324,10 @@ def five_pass_loss(model: torch.nn.Module, batch: dict, cfg: LossConfig) -> tupl
     def on_prefix(ids: torch.Tensor, mask: torch.Tensor):
         cache = DynamicCache(ddp_cache_data=kv)  # a fresh copy: a forward extends its cache in place
         kwargs = {"cache" if "cache" in _forward_params(model) else "past_key_values": cache}
-        return model(input_ids=ids, attention_mask=torch.cat([prefix_mask, mask], 1),
-                     position_ids=positions_from_mask(mask, prefix_len), use_cache=True,
-                     output_hidden_states=True, **kwargs)
+        with cache_kept(model):
+                return model(input_ids=ids, attention_mask=torch.cat([prefix_mask, mask], 1),
+                         position_ids=positions_from_mask(mask, prefix_len), use_cache=True,
+                         output_hidden_states=True, **kwargs)
 
     reprs = []
     for name in ("anchor", "pos", "neg"):

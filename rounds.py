@@ -105,7 +105,7 @@ class RoundDriver:
         summary = read_json(out / "summary.json")
         return {"teacher_data": str(out / "teacher_data.json"), "template_hash": summary.get("template_hash"),
                 "model": summary.get("model"), "kept": summary["samples"]["kept"],
-                "rejected": summary["samples"]["rejected"], "cost_usd": summary.get("cost_usd", 0.0)}
+                "rejected": summary["samples"]["rejected"], "cost_usd": summary["cost_usd"]["all_requests"]}
 
     def train(self, start_checkpoint: str, teacher_data: str, negatives: str, out: Path) -> str:
         final = out / "final"
@@ -143,6 +143,8 @@ class RoundDriver:
         folder = self.round_dir(r)
         previous = self.checkpoint_of(r - 1)
         manifest = {"round": r, "task": self.args.task, "start_checkpoint": previous, "backend": self.args.backend}
+        # wall time adds up over interrupted runs; a re-run that skips every stage adds ~nothing
+        earlier_seconds = read_json(folder / "manifest.json").get("seconds", 0) if (folder / "manifest.json").is_file() else 0
         exam = self.exam(previous, folder / "exam")
         if r == 1:
             teacher = self.teacher("annotate", folder / "teacher")
@@ -158,7 +160,8 @@ class RoundDriver:
         checkpoint = self.train(previous, teacher_data, negatives, folder / "train")
         evaluation = self.evaluate(checkpoint, folder / "eval")
         manifest.update(exam=exam, teacher=teacher, train_inputs={"teacher_data": teacher_data, "negatives": negatives},
-                        checkpoint=checkpoint, eval=evaluation, seconds=round(time.time() - started, 1))
+                        checkpoint=checkpoint, eval=evaluation,
+                        seconds=round(earlier_seconds + time.time() - started, 1))
         atomic_write_json(folder / "manifest.json", manifest)
         return manifest
 

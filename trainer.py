@@ -4,6 +4,7 @@ accuracy by generation at each epoch, best-K checkpoints, redacted configs besid
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -26,6 +27,9 @@ class TailoredTrainer(Trainer):
 
     def __init__(self, *args, loss_cfg: LossConfig, merge_losses: bool = True, eval_setup: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.model_accepts_loss_kwargs = False  # our loss is a mean per batch: let Trainer scale for accumulation
+        self.add_callback(EpochSeedCallback(self))
+        self._batch_sampler: UniqueQuestionBatchSampler | None = None
         self.loss_cfg = loss_cfg
         self.merge_losses = merge_losses
         self.eval_setup = eval_setup
@@ -35,9 +39,9 @@ class TailoredTrainer(Trainer):
     # ------------------------------------------------------------ data
     def get_train_dataloader(self) -> DataLoader:
         """Global batches with distinct questions; accelerate deals whole batches to the ranks."""
-        sampler = UniqueQuestionBatchSampler(self.train_dataset.row_questions(), self.args.per_device_train_batch_size,
-                                             seed=self.args.seed)
-        loader = DataLoader(self.train_dataset, batch_sampler=sampler, collate_fn=self.data_collator,
+        self._batch_sampler = UniqueQuestionBatchSampler(self.train_dataset.row_questions(),
+                                                         self.args.per_device_train_batch_size, seed=self.args.seed)
+        loader = DataLoader(self.train_dataset, batch_sampler=self._batch_sampler, collate_fn=self.data_collator,
                             num_workers=self.args.dataloader_num_workers)
         return self.accelerator.prepare(loader)
 
@@ -100,6 +104,20 @@ class TailoredTrainer(Trainer):
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
+
+
+class EpochSeedCallback(TrainerCallback):
+    """Each epoch gets its own batches and positive/negative draws, the same on every rank. Done
+    here because accelerate does not pass `set_epoch` through to a sharded custom batch sampler."""
+
+    def __init__(self, trainer: TailoredTrainer):
+        self.trainer = trainer
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        epoch = math.floor((state.epoch or 0) + 1e-6)
+        self.trainer.train_dataset.set_epoch(epoch)
+        if self.trainer._batch_sampler is not None:
+            self.trainer._batch_sampler.set_epoch(epoch)
 
 
 class SaveExtrasCallback(TrainerCallback):

@@ -240,3 +240,23 @@ def test_no_triplet_rows_gives_zero_cl_loss(arch_setup):
     assert metrics["cl_loss"] == 0 and metrics["triplet_fraction"] == 0
     loss.backward()  # still a graph: every rank runs the same forwards and backward
     model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("mle", ["weight", "nograd"])
+def test_gradient_checkpointing_keeps_the_prefix_cache(setup, mle):
+    """transformers 5 layers drop a passed KV cache under checkpointing; the loss must not change."""
+    tokenizer, features = setup
+    model = make_model("gptj", tokenizer)
+    ours_batch, ref_batch = batches(tokenizer, features)
+    cfg = LossConfig(mle=mle, contrastive=True)
+    plain, _ = compute_tailored_loss(model, ours_batch, cfg)
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert losses._checkpointing(model)
+    checkpointed, _ = compute_tailored_loss(model, ours_batch, cfg)
+    reference, _ = five_pass_loss(model, ref_batch, cfg)
+    assert abs(checkpointed.item() - plain.item()) < TOL and abs(reference.item() - plain.item()) < TOL
+    checkpointed.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

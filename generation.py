@@ -31,6 +31,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:  # GPT-J ships none; eos is masked out anyway
         tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.truncation_side = "left"
     return tokenizer
 
 
@@ -56,6 +57,11 @@ def torch_dtype(fp16: bool, bf16: bool) -> torch.dtype | None:
     return torch.float16 if fp16 else torch.bfloat16 if bf16 else None
 
 
+def max_positions(config) -> int:
+    """Longest sequence the model's position table holds (GPT-J: n_positions)."""
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None) or 10**9
+
+
 @dataclass
 class SamplingConfig:
     max_new_tokens: int
@@ -76,7 +82,9 @@ def plan_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
 @torch.no_grad()
 def _generate_batch(model, tokenizer, prompts: list[str], cfg: SamplingConfig, seed: int,
                     synced: bool = False) -> list[list[str]]:
-    encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(model.device)
+    # a prompt longer than the position table allows loses its oldest tokens (demos first), not the question
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", truncation=True,
+                        max_length=max_positions(model.config) - cfg.max_new_tokens).to(model.device)
     kwargs = dict(max_new_tokens=cfg.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                   eos_token_id=tokenizer.eos_token_id, stop_strings=[STOP], tokenizer=tokenizer,
                   num_return_sequences=cfg.num_samples, synced_gpus=synced)

@@ -134,8 +134,6 @@ class RoundDriver:
         if r == 0:
             return self.args.student
         manifest = self.round_dir(r) / "manifest.json"
-        if not manifest.is_file():
-            raise UserError(f"--start_round: round {r} has no manifest in {self.round_dir(r)}; run it first")
         return read_json(manifest)["checkpoint"]
 
     def run_round(self, r: int) -> dict:
@@ -170,7 +168,10 @@ class RoundDriver:
         rows = [{"round": 0, "eval": self.evaluate(a.student, self.round_dir(0) / "eval"), "teacher": None, "exam": None}]
         for r in range(1, a.rounds + 1):
             if r < a.start_round:
-                rows.append(read_json(self.round_dir(r) / "manifest.json"))
+                manifest = self.round_dir(r) / "manifest.json"
+                if not manifest.is_file():
+                    raise UserError(f"--start_round {a.start_round}: round {r} has no {manifest}; run it first")
+                rows.append(read_json(manifest))
                 continue
             print(f"\n===== round {r} =====", flush=True)
             rows.append(self.run_round(r))

@@ -20,9 +20,11 @@ EMBEDDED_STUDENT = "checkpoints/wordmath-student"
 
 
 def prepare_embedded(args: RoundsArguments) -> None:
-    """The embedded default needs its data and its round-0 student; both steps are idempotent."""
+    """The embedded default needs its data and its round-0 student: made once, never overwritten
+    (a user who generated the data with other difficulty settings keeps it)."""
     logs = Path(args.workdir) / "setup"
-    if args.task in EMBEDDED_TASKS:
+    task_dir = Path(args.data_dir) / args.task
+    if args.task in EMBEDDED_TASKS and not all((task_dir / f"{split}.jsonl").is_file() for split in ("train", "test")):
         run_command([sys.executable, "prepare_data.py", "--task", args.task, "--data_dir", args.data_dir],
                     logs / "prepare_data.log")
     if args.student == EMBEDDED_STUDENT and not (Path(args.student) / "build_info.json").is_file():

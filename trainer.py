@@ -212,11 +212,11 @@ def run_training(args) -> dict:
     """Build data, model and trainer from TrainArguments, train, save `<output_dir>/final`; returns a summary."""
     import time
 
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from args import as_dict
     from common import UserError, set_seed
-    from generation import load_tokenizer, looks_local
+    from generation import load_tokenizer, looks_local, max_positions
     from tasks import get_task, load_demos, load_split
     from train_data import TailoredCollator, TailoredDataset, build_train_data
 
@@ -225,6 +225,9 @@ def run_training(args) -> dict:
         if not Path(args.deepspeed).is_file():
             raise UserError(f"--deepspeed: config {args.deepspeed} not found")
         distributed.ensure_single_process_env()
+        import deepspeed  # its own comm layer must know every rank before zero.Init sizes the batch
+
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     set_seed(args.seed)
     loss_cfg = LossConfig.from_args(args)
     task = get_task(args.task)
@@ -242,8 +245,10 @@ def run_training(args) -> dict:
     rationale = args.teacher_data is not None
     demos = load_demos(task, rationale, args.fewshot_file, train, args.seed) if args.fewshot else ""
     tokenizer = load_tokenizer(model_path, args.trust_remote_code)
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
+    max_length = min(args.max_length, max_positions(config))
     data = build_train_data(task, train, tokenizer, teacher_data=args.teacher_data, demos=demos,
-                            max_length=args.max_length, cl_pos_path=args.cl_pos_path if args.contrastive else None,
+                            max_length=max_length, cl_pos_path=args.cl_pos_path if args.contrastive else None,
                             cl_neg_path=args.cl_neg_path if args.contrastive else None, cl_pos_num=args.cl_pos_num,
                             cl_neg_num=args.cl_neg_num, seed=args.seed)
     if args.teacher_data_random:
@@ -291,6 +296,7 @@ def run_training(args) -> dict:
                "train_loss": result.training_loss, "seconds": round(time.time() - started, 1),
                "data": data.counts, "eval": trainer.eval_history}
     if trainer.is_world_process_zero():
+        (final / "training_args.bin").unlink(missing_ok=True)  # a pickle; run_args.json says the same in JSON
         atomic_write_json(final / "run_args.json", redact(as_dict(args)))
         atomic_write_json(Path(output_dir) / "train_summary.json", summary)
         print_summary(summary)

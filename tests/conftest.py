@@ -53,7 +53,7 @@ def tiny_student(data_dir, tmp_path_factory) -> Path:
     train = load_split("wordmath", "train", str(data_dir))
     pairs = [(build_prompt(task, ex), continuation(task, ex, ex.rationale)) for ex in train]
     tokenizer = student.train_tokenizer([p + c for p, c in pairs], vocab_size=400)
-    model = student.build_model(tokenizer, n_layer=2, n_embd=64, n_head=4, n_positions=512)
+    model = student.build_model(tokenizer, n_layer=2, n_embd=64, n_head=4, n_positions=1024)
     student.warm_start(model, tokenizer, pairs, steps=80, batch_size=16, lr=5e-3, log_every=40)
     out = tmp_path_factory.mktemp("student")
     model.save_pretrained(out)

@@ -23,10 +23,11 @@ def teacher_files(data_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("teacher")
     teacher, negatives = {}, {}
     for ex in load_split("wordmath", "train", str(data_dir))[:60]:
-        teacher[ex.question] = [f"{ex.rationale} Therefore, the answer is {ex.gold}.",
-                                f"Let's think step by step. {ex.rationale} Therefore, the answer is {ex.gold}.",
-                                f"{ex.rationale} Therefore, the answer is {int(ex.gold) + 1}."]
-        negatives[ex.question] = [f"{ex.rationale.split('.')[0]}. So it is {int(ex.gold) + 3}.\nAnswer: {int(ex.gold) + 3} "]
+        steps = ex.rationale.split(" Therefore, the answer is")[0]
+        teacher[ex.question] = [f"{steps} Therefore, the answer is {ex.gold}.",
+                                f"In short: {steps} Therefore, the answer is {ex.gold}.",
+                                f"{steps} Therefore, the answer is {int(ex.gold) + 1}."]
+        negatives[ex.question] = [f"{steps.split('.')[0]}. So it is {int(ex.gold) + 3}.\nAnswer: {int(ex.gold) + 3} "]
     (folder / "train.round1.json").write_text(json.dumps(teacher))
     (folder / "student.round0.neg4.json").write_text(json.dumps(negatives))
     return folder / "train.round1.json", folder / "student.round0.neg4.json"

@@ -172,6 +172,35 @@ class RoundsArguments:
             raise UserError(f"--backend must be offline or openai, got {self.backend!r}")
 
 
+@dataclass
+class PrepareArguments:
+    task: str = field(default="all", metadata={"help": "wordmath, gsm_symbolic or all."})
+    data_dir: str = field(default="localdataset", metadata={"help": "Output root: <data_dir>/<task>/{train,test}.jsonl."})
+    train_size: int = field(default=2000, metadata={"help": "Train problems per task."})
+    test_size: int = field(default=300, metadata={"help": "Test problems per task."})
+    seed: int = field(default=1234, metadata={"help": "Train seed; the test split uses seed + 1 and excludes train questions."})
+    min_steps: int = field(default=2, metadata={"help": "wordmath: fewest operations per problem."})
+    max_steps: int = field(default=3, metadata={"help": "wordmath: most operations per problem."})
+    max_start: int = field(default=20, metadata={"help": "wordmath: largest starting amount."})
+    max_operand: int = field(default=9, metadata={"help": "wordmath: largest amount added or removed."})
+
+
+@dataclass
+class StudentArguments:
+    task: str = field(default="wordmath", metadata={"help": "Task whose train split gives the tokenizer corpus and warm-start data."})
+    data_dir: str = field(default="localdataset", metadata={"help": "Dataset root (see prepare_data.py)."})
+    out: str = field(default="checkpoints/wordmath-student", metadata={"help": "Output folder."})
+    vocab_size: int = field(default=512, metadata={"help": "BPE vocabulary size."})
+    n_layer: int = field(default=4, metadata={"help": "Transformer layers."})
+    n_embd: int = field(default=128, metadata={"help": "Hidden size."})
+    n_head: int = field(default=4, metadata={"help": "Attention heads."})
+    warm_steps: int = field(default=600, metadata={"help": "Warm-start optimizer steps (0: random weights)."})
+    warm_examples: int = field(default=1000, metadata={"help": "Train problems used by the warm start."})
+    batch_size: int = field(default=32, metadata={"help": "Warm-start batch size."})
+    lr: float = field(default=2e-3, metadata={"help": "Warm-start peak learning rate."})
+    seed: int = field(default=0, metadata={"help": "Seed for weights and batches."})
+    force: bool = field(default=False, metadata={"help": "Rebuild even if --out already holds a student built with these settings."})
+
 # ---------------------------------------------------------------- teacher (query_teacher.py, teacher.run_collection)
 @dataclass
 class TeacherArguments:

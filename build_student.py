@@ -8,32 +8,15 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 import student
-from args import parse
+from args import StudentArguments, parse
 from common import UserError, atomic_write_json, cli_main, set_seed
 from tasks import build_prompt, continuation, get_task, load_split
-
-
-@dataclass
-class StudentArguments:
-    task: str = field(default="wordmath", metadata={"help": "Task whose train split gives the tokenizer corpus and warm-start data."})
-    data_dir: str = field(default="localdataset", metadata={"help": "Dataset root (see prepare_data.py)."})
-    out: str = field(default="checkpoints/wordmath-student", metadata={"help": "Output folder."})
-    vocab_size: int = field(default=512, metadata={"help": "BPE vocabulary size."})
-    n_layer: int = field(default=4, metadata={"help": "Transformer layers."})
-    n_embd: int = field(default=128, metadata={"help": "Hidden size."})
-    n_head: int = field(default=4, metadata={"help": "Attention heads."})
-    warm_steps: int = field(default=600, metadata={"help": "Warm-start optimizer steps (0: random weights)."})
-    warm_examples: int = field(default=1000, metadata={"help": "Train problems used by the warm start."})
-    batch_size: int = field(default=32, metadata={"help": "Warm-start batch size."})
-    lr: float = field(default=2e-3, metadata={"help": "Warm-start peak learning rate."})
-    seed: int = field(default=0, metadata={"help": "Seed for weights and batches."})
-    force: bool = field(default=False, metadata={"help": "Rebuild even if --out already holds a student built with these settings."})
 
 
 @cli_main

@@ -7,25 +7,11 @@ Idempotent: a split whose file already holds what these settings generate is lef
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import wordmath
-from args import parse
+from args import PrepareArguments, parse
 from common import UserError, atomic_write_jsonl, cli_main
-
-
-@dataclass
-class PrepareArguments:
-    task: str = field(default="all", metadata={"help": "wordmath, gsm_symbolic or all."})
-    data_dir: str = field(default="localdataset", metadata={"help": "Output root: <data_dir>/<task>/{train,test}.jsonl."})
-    train_size: int = field(default=2000, metadata={"help": "Train problems per task."})
-    test_size: int = field(default=300, metadata={"help": "Test problems per task."})
-    seed: int = field(default=1234, metadata={"help": "Train seed; the test split uses seed + 1 and excludes train questions."})
-    min_steps: int = field(default=2, metadata={"help": "wordmath: fewest operations per problem."})
-    max_steps: int = field(default=3, metadata={"help": "wordmath: most operations per problem."})
-    max_start: int = field(default=20, metadata={"help": "wordmath: largest starting amount."})
-    max_operand: int = field(default=9, metadata={"help": "wordmath: largest amount added or removed."})
 
 
 def wordmath_splits(args: PrepareArguments) -> dict[str, list[dict]]:

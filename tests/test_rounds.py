@@ -54,3 +54,24 @@ def test_start_round_needs_earlier_manifests(tiny_student, data_dir, tmp_path):
     result = run_script(*driver_argv(tiny_student, data_dir, tmp_path / "empty", "--start_round", "2"))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: --start_round")
+
+
+def test_rounds_with_the_openai_backend_against_a_local_server(tiny_student, data_dir, tmp_path):
+    """The same stages, the teacher reached through the real openai client on 127.0.0.1 (with faults)."""
+    from fake_openai_server import FakeOpenAIServer
+
+    secret = "sk-test-rounds-0123456789abcdef"
+    with FakeOpenAIServer() as server:
+        server.inject("429", "500", "malformed")
+        workdir = tmp_path / "runs"
+        result = run_script(*driver_argv(tiny_student, data_dir, workdir, "--backend", "openai",
+                                         "--base_url", server.url, "--teacher_model", "fake-teacher"),
+                            env={"OPENAI_API_KEY": secret}, timeout=900)
+        assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+        assert server.completed > 0 and all(h == f"Bearer {secret}" for h in server.auth_headers)
+    second = json.loads((workdir / "round2" / "manifest.json").read_text())
+    assert second["teacher"]["model"] == "fake-teacher" and second["teacher"]["kept"] > 0
+    assert "--backend openai" in result.stdout
+    written = [p for p in workdir.rglob("*") if p.is_file() and p.suffix in (".json", ".jsonl", ".txt")]
+    assert written and not any(secret in p.read_text(errors="ignore") for p in written)
+    assert secret not in result.stdout + result.stderr

@@ -50,6 +50,7 @@ class ModelArguments:
     bf16: bool = field(default=False, metadata={"help": "Load weights in bfloat16."})
     seed: int = field(default=42, metadata={"help": "Random seed (demo choice, sampling)."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the hub (off by default)."})
+    local_rank: int = field(default=-1, metadata={"help": "Set by the `deepspeed` launcher; the rank is read from the environment."})
 
     @property
     def model_path(self) -> str:

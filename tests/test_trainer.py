@@ -152,3 +152,18 @@ def test_bad_training_inputs_give_one_clear_line(case, tiny_student, data_dir, t
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
     assert not (out / "final").exists() and not list(out.glob("checkpoint-*"))
+
+
+def test_save_best_keeps_the_most_accurate_epoch_and_the_latest(tiny_student, data_dir, teacher_files, tmp_path):
+    out = tmp_path / "run5"
+    result = subprocess.run(plain_command(tiny_student, data_dir, *teacher_files, out, "--epoch", "3", "--do_eval",
+                                          "yes", "--eval_limit", "6", "--save_best", "1"),
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert len(summary["eval"]) == 3
+    best = json.loads((out / "best_checkpoint.json").read_text())
+    assert best["eval_accuracy"] == max(e["acc"] for e in summary["eval"])
+    kept = sorted(p.name for p in out.glob("checkpoint-*"))
+    latest = f"checkpoint-{summary['steps']}"
+    assert set(kept) == {best["checkpoint"], latest}

@@ -37,18 +37,27 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
 def load_model(path: str, dtype: torch.dtype | None = None, trust_remote_code: bool = False, flag: str = "--load"):
     """Model and tokenizer from a hub name or a local HF folder (safetensors weights only)."""
+    check_model_path(path, flag)
+    tokenizer = load_tokenizer(path, trust_remote_code)
+    model = load_weights(path, flag, dtype=dtype, trust_remote_code=trust_remote_code)
+    model.eval()
+    return model, tokenizer
+
+
+def check_model_path(path: str, flag: str) -> None:
+    """A local model folder must exist and hold safetensors weights (we never unpickle .bin files)."""
     if looks_local(path) and not Path(path).is_dir():
         raise UserError(f"{flag}: checkpoint folder {path} not found")
     if Path(path).is_dir() and not any(Path(path).glob("*.safetensors")) and not any(Path(path).glob("*.safetensors.index.json")):
         raise UserError(f"{flag}: {path} holds no *.safetensors weights (we do not unpickle .bin files)")
+
+
+def load_weights(path: str, flag: str, **kwargs):
+    """AutoModelForCausalLM from safetensors; a load failure is one line naming the flag."""
     try:
-        tokenizer = load_tokenizer(path, trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
-                                                     trust_remote_code=trust_remote_code)
+        return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, **kwargs)
     except (OSError, ValueError) as err:
         raise UserError(f"{flag}: cannot load {path} ({str(err).splitlines()[0]})") from None
-    model.eval()
-    return model, tokenizer
 
 
 def torch_dtype(fp16: bool, bf16: bool) -> torch.dtype | None:

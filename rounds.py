@@ -65,15 +65,17 @@ class RoundDriver:
         return flags + (["--fewshot", "yes"] if a.fewshot else [])
 
     def evaluate(self, checkpoint: str, out: Path) -> dict:
-        if latest_accuracy_file(out) is None:
+        found = latest_accuracy_file(out)
+        if found is None:
             argv = [self.python, "infer.py", *self.common_flags(), "--rationale", "--test_on", self.args.eval_split,
                     "--checkpoint", checkpoint, "--batch", str(self.args.eval_batch), "--output_dir", str(out)]
             if self.args.eval_limit:
                 argv += ["--limit", str(self.args.eval_limit)]
             run_command(argv, out / "log.txt")
-        result = read_json(latest_accuracy_file(out))
+            found = latest_accuracy_file(out)
+        result = read_json(found)
         return {"acc": result["acc"], "strict_acc": result["strict_acc"], "correct": result["correct"],
-                "total": result["total"], "file": str(latest_accuracy_file(out))}
+                "total": result["total"], "file": str(found)}
 
     def exam(self, checkpoint: str, out: Path) -> dict:
         if not (out / "summary.json").is_file():

@@ -5,19 +5,24 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import shutil
+import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
-from transformers import Trainer, TrainerCallback
+from transformers import AutoConfig, Trainer, TrainerCallback, TrainingArguments
 
 import distributed
-from common import atomic_write_json, redact
-from generation import SamplingConfig, evaluate
+from args import as_dict
+from common import UserError, atomic_write_json, redact, set_seed
+from generation import (SamplingConfig, check_model_path, evaluate, load_tokenizer, load_weights, max_positions,
+                        torch_dtype)
 from losses import LossConfig, compute_tailored_loss
-from train_data import UniqueQuestionBatchSampler
+from tasks import get_task, load_demos, load_split
+from train_data import TailoredCollator, TailoredDataset, UniqueQuestionBatchSampler, build_train_data
 
 METRICS = ("lm_loss", "cl_loss", "triplet_fraction")
 
@@ -158,19 +163,13 @@ class SaveExtrasCallback(TrainerCallback):
                 {"checkpoint": f"checkpoint-{ranked[0]}", "eval_accuracy": accuracy[ranked[0]]}) + "\n")
 
 
-def sampling_for_eval(task, batch_size: int) -> SamplingConfig:
-    return SamplingConfig(max_new_tokens=task.max_new_tokens, batch_size=batch_size)
-
-
 # ---------------------------------------------------------------- setup of a run
 
 def default_output_dir(args) -> str:
     return str(Path("checkpoints") / "student_train" / (args.task + (f"_{args.note}" if args.note else "")))
 
 
-def training_arguments(args, output_dir: str, bf16: bool, fp16: bool):
-    from transformers import TrainingArguments
-
+def training_arguments(args, output_dir: str, bf16: bool, fp16: bool) -> TrainingArguments:
     cpu = not torch.cuda.is_available()
     return TrainingArguments(
         output_dir=output_dir, num_train_epochs=args.epoch, max_steps=args.max_steps,
@@ -187,9 +186,7 @@ def training_arguments(args, output_dir: str, bf16: bool, fp16: bool):
 
 def precision(args) -> tuple[bool, bool]:
     """(bf16, fp16). fp16 needs a GPU; on CPU we say so and train in bf16 instead."""
-    if args.fp16 and args.bf16:
-        from common import UserError
-        raise UserError("--fp16 and --bf16: choose one")
+    torch_dtype(args.fp16, args.bf16)  # rejects both at once
     if args.fp16 and not torch.cuda.is_available():
         print("note: --fp16 needs a GPU; training in bf16 on this CPU")
         return True, False
@@ -198,8 +195,6 @@ def precision(args) -> tuple[bool, bool]:
 
 def keep_one_rationale_per_question(data, seed: int) -> None:
     """--teacher_data_random: one seeded pick per question; the others still serve as positives."""
-    import random
-
     by_question: dict[int, list] = {}
     for row in data.rows:
         by_question.setdefault(row.qid, []).append(row)
@@ -210,16 +205,6 @@ def keep_one_rationale_per_question(data, seed: int) -> None:
 
 def run_training(args) -> dict:
     """Build data, model and trainer from TrainArguments, train, save `<output_dir>/final`; returns a summary."""
-    import time
-
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from args import as_dict
-    from common import UserError, set_seed
-    from generation import load_tokenizer, looks_local, max_positions
-    from tasks import get_task, load_demos, load_split
-    from train_data import TailoredCollator, TailoredDataset, build_train_data
-
     started = time.time()
     if args.deepspeed:
         if not Path(args.deepspeed).is_file():
@@ -234,8 +219,7 @@ def run_training(args) -> dict:
     output_dir = args.output_dir or default_output_dir(args)
     model_path = args.model_path
     flag = "--checkpoint" if args.checkpoint else "--load"
-    if looks_local(model_path) and not Path(model_path).is_dir():
-        raise UserError(f"{flag}: checkpoint folder {model_path} not found")
+    check_model_path(model_path, flag)
     for name in ("teacher_data", "cl_pos_path", "cl_neg_path"):
         path = getattr(args, name)
         if path and not Path(path).is_file():
@@ -258,16 +242,12 @@ def run_training(args) -> dict:
     eval_setup = None
     if args.do_eval:
         eval_setup = dict(task=task, examples=load_split(task.name, args.eval_split, args.data_dir, args.eval_limit),
-                          demos=load_demos(task, rationale, args.fewshot_file, train, args.seed) if args.fewshot else "",
-                          rationale=rationale, sampling=sampling_for_eval(task, args.eval_bsz))
+                          demos=demos, rationale=rationale,
+                          sampling=SamplingConfig(max_new_tokens=task.max_new_tokens, batch_size=args.eval_bsz))
 
     bf16, fp16 = precision(args)
     training_args = training_arguments(args, output_dir, bf16, fp16)  # before the model: ZeRO-3 partitions at load
-    try:
-        model = AutoModelForCausalLM.from_pretrained(model_path, use_safetensors=True,
-                                                     trust_remote_code=args.trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise UserError(f"{flag}: cannot load {model_path} ({str(err).splitlines()[0]})") from None
+    model = load_weights(model_path, flag, trust_remote_code=args.trust_remote_code)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
 

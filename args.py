@@ -43,6 +43,8 @@ class ModelArguments:
     checkpoint: str | None = field(default=None, metadata={"help": "Trained checkpoint folder; overrides --load when given."})
     device: str = field(default="cpu", metadata={"help": "'cpu' or GPU ids '0,1,...'; several ids run one process per id."})
     data_dir: str = field(default="localdataset", metadata={"help": "Local datasets: <data_dir>/<task>/<split>.{jsonl,json,parquet} or a save_to_disk folder."})
+    valid_size: int = field(default=0, metadata={"help": "Tasks without a validation split (the hub ones): hold out N train items "
+                                                        "(a fixed draw) as 'validation', which train then leaves out. 0: train whole, as the original."})
     fewshot: bool = field(default=False, metadata={"help": "Prepend few-shot demos to every prompt."})
     fewshot_file: str | None = field(default=None, metadata={"help": "Demos file (.txt blocks separated by blank lines, or .json/.jsonl records)."})
     rationale: bool = field(default=False, metadata={"help": "Rationale mode (Reasoning: ... Answer: ...) instead of answer-only."})
@@ -104,11 +106,16 @@ class TrainArguments(ModelArguments):
     cl_p: float = field(default=1.0, metadata={"help": "Triplet margin."})
     cl_ratio: float = field(default=0.5, metadata={"help": "Weight of the triplet loss."})
     cl_repr: str = field(default="last", metadata={"help": "Sequence representation: last (last token) or pool (mean)."})
+    cl_anchor: str = field(default="detached", metadata={"help": "detached: the anchor is re-read on the no-grad prompt, as the original; "
+                                                                 "full: read from the LM forward (cheaper; its triplet gradient also reaches the prompt)."})
+    cl_neg_form: str = field(default="gold", metadata={"help": "Negative continuations: gold = the student's wrong reasoning + the GOLD "
+                                                               "answer line, as the original built them; own = its reasoning with its own wrong answer line."})
     merge_losses: bool = field(default=True, metadata={"help": "One backward pass on LM + triplet loss (no: two passes, lower peak memory)."})
     mle: str = field(default="weight", metadata={"help": "LM loss: weight (prompt tokens x mle_w), hf (plain mean), nograd (continuation only), no."})
     mle_w: float = field(default=0.1, metadata={"help": "Weight of prompt tokens in --mle weight."})
     do_eval: bool = field(default=False, metadata={"help": "Accuracy by generation after every epoch."})
-    eval_split: str = field(default="test", metadata={"help": "Split evaluated by --do_eval (the original used test)."})
+    eval_split: str | None = field(default=None, metadata={"help": "Split evaluated by --do_eval and ranked by --save_best. Default: validation "
+                                                                   "where the task has one (embedded tasks, or --valid_size N), else test as the original (with a note)."})
     eval_limit: int | None = field(default=None, metadata={"help": "Evaluate only the first N items."})
     save_best: int = field(default=0, metadata={"help": "K > 0: keep only the K most accurate epoch checkpoints (needs --do_eval); 0: keep all."})
     output_dir: str | None = field(default=None, metadata={"help": "Default: checkpoints/student_train/<task>[_<note>]."})
@@ -124,6 +131,10 @@ class TrainArguments(ModelArguments):
             raise UserError(f"--mle must be one of weight, hf, nograd, no; got {self.mle!r}")
         if self.cl_repr not in ("last", "pool"):
             raise UserError(f"--cl_repr must be last or pool, got {self.cl_repr!r}")
+        if self.cl_anchor not in ("detached", "full"):
+            raise UserError(f"--cl_anchor must be detached or full, got {self.cl_anchor!r}")
+        if self.cl_neg_form not in ("gold", "own"):
+            raise UserError(f"--cl_neg_form must be gold or own, got {self.cl_neg_form!r}")
         if self.save_best > 0 and not self.do_eval:
             raise UserError("--save_best K > 0 ranks checkpoints by accuracy: it needs --do_eval yes")
         if self.train_bsz < 1 or self.grad_accum < 1:
@@ -155,13 +166,22 @@ class RoundsArguments:
     epoch: float = field(default=1, metadata={"help": "Training epochs per round."})
     max_steps: int = field(default=-1, metadata={"help": "Cap on training steps per round."})
     train_bsz: int = field(default=16, metadata={"help": "Training batch size per process."})
-    lr: float = field(default=5e-4, metadata={"help": "Learning rate (the tiny student's warm start used 2e-3; GPT-J used 7e-6)."})
+    lr: float = field(default=2e-4, metadata={"help": "Learning rate. 2e-4 was best on wordmath validation for the embedded "
+                                                    "student (of 2e-4, 5e-4, 1e-3); GPT-J-6B used 7e-6."})
     warmup_steps: int = field(default=20, metadata={"help": "Warm-up steps."})
-    contrastive: bool = field(default=True, metadata={"help": "Self-reflection triplet loss."})
-    cl_ratio: float = field(default=0.5, metadata={"help": "Weight of the triplet loss."})
+    arms: str = field(default="lm,reflect", metadata={"help": "Comma list of arms trained side by side: reflect (LM + self-reflection "
+                                                               "triplet loss: the method), lm (LM loss only: the control). One arm halves the cost."})
+    cl_ratio: float = field(default=0.5, metadata={"help": "Weight of the triplet loss (arm reflect)."})
+    cl_p: float = field(default=0.1, metadata={"help": "Triplet margin (arm reflect). The original's 1.0 cost 14 points of wordmath validation "
+                                                      "accuracy against the lm arm; 0.1 was the least harmful (experiments/RESULTS.md)."})
+    cl_neg_form: str = field(default="gold", metadata={"help": "Negatives: gold (the original's: wrong reasoning + gold answer line) or own (its own answer line)."})
+    cl_anchor: str = field(default="detached", metadata={"help": "Anchor: detached (re-read on the no-grad prompt, the original) or full (from the LM forward)."})
     bf16: bool = field(default=False, metadata={"help": "Train in bf16."})
     deepspeed: str | None = field(default=None, metadata={"help": "DeepSpeed config for training, e.g. ds_stage3_config.json."})
-    eval_split: str = field(default="test", metadata={"help": "Split evaluated after each round."})
+    eval_splits: str = field(default="validation,test", metadata={"help": "Splits evaluated after each round (choose settings on "
+                                                                        "validation; test is for the reported number)."})
+    valid_size: int = field(default=500, metadata={"help": "Hub tasks (no validation split): N train items held out as validation "
+                                                         "by every stage (embedded tasks have their own)."})
     eval_limit: int | None = field(default=None, metadata={"help": "Evaluate only the first N items."})
     eval_batch: int = field(default=64, metadata={"help": "Evaluation batch size."})
     warm_steps: int = field(default=600, metadata={"help": "Embedded student only: warm-start steps when it is built."})
@@ -171,6 +191,12 @@ class RoundsArguments:
             raise UserError("--rounds must be >= 1 and --start_round within 1..rounds")
         if self.backend not in ("offline", "openai"):
             raise UserError(f"--backend must be offline or openai, got {self.backend!r}")
+        arms = self.arms.split(",")
+        if not arms or any(arm not in ("lm", "reflect") for arm in arms) or len(set(arms)) != len(arms):
+            raise UserError(f"--arms: expected a comma list of lm and reflect, got {self.arms!r}")
+        splits = self.eval_splits.split(",")
+        if not all(splits) or len(set(splits)) != len(splits):
+            raise UserError(f"--eval_splits: expected a comma list of split names, got {self.eval_splits!r}")
 
 
 @dataclass
@@ -179,7 +205,8 @@ class PrepareArguments:
     data_dir: str = field(default="localdataset", metadata={"help": "Output root: <data_dir>/<task>/{train,test}.jsonl."})
     train_size: int = field(default=2000, metadata={"help": "Train problems per task."})
     test_size: int = field(default=300, metadata={"help": "Test problems per task."})
-    seed: int = field(default=1234, metadata={"help": "Train seed; the test split uses seed + 1 and excludes train questions."})
+    valid_size: int = field(default=1000, metadata={"help": "Validation problems per task (what tuning and --save_best read)."})
+    seed: int = field(default=1234, metadata={"help": "Train seed; test uses seed + 1, validation seed + 2, each excluding the splits before it."})
     min_steps: int = field(default=2, metadata={"help": "wordmath: fewest operations per problem."})
     max_steps: int = field(default=3, metadata={"help": "wordmath: most operations per problem."})
     max_start: int = field(default=20, metadata={"help": "wordmath: largest starting amount."})
@@ -211,6 +238,7 @@ class TeacherArguments:
     task: str = field(default="wordmath", metadata={"help": "Task name (see tasks.py)."})
     data_dir: str = field(default="localdataset", metadata={"help": "Local datasets folder (as for the other scripts)."})
     test_on: str = field(default="train", metadata={"help": "Split whose questions go to the teacher."})
+    valid_size: int = field(default=0, metadata={"help": "As for the other scripts: N train items held out as validation (hub tasks)."})
     limit: int | None = field(default=None, metadata={"help": "Only the first N questions of the split."})
     student_wrong: str | None = field(default=None, metadata={"help": "feedback mode: the exam's student_wrong.json "
                                                                       "({question: [wrong rationale, ...]})."})

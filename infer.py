@@ -26,7 +26,7 @@ def demos_for(args, task) -> str:
     """Few-shot demos (drawn from the train split unless a file is given), or '' without --fewshot."""
     if not args.fewshot:
         return ""
-    train = None if args.fewshot_file else load_split(task.name, "train", args.data_dir)
+    train = None if args.fewshot_file else load_split(task.name, "train", args.data_dir, valid_size=args.valid_size)
     return load_demos(task, args.rationale, args.fewshot_file, train, args.seed)
 
 
@@ -34,7 +34,7 @@ def setup(args):
     """Task, examples of --test_on, demos, and the model on this process's device."""
     set_seed(args.seed)
     task = get_task(args.task)
-    examples = load_split(task.name, args.test_on, args.data_dir, args.limit)
+    examples = load_split(task.name, args.test_on, args.data_dir, args.limit, args.valid_size)
     demos = demos_for(args, task)
     model, tokenizer = load_model(args.model_path, torch_dtype(args.fp16, args.bf16), args.trust_remote_code,
                                   flag="--checkpoint" if args.checkpoint else "--load")

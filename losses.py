@@ -8,11 +8,12 @@ run a training step's forwards on a batch:
   (5) negative continuations, each its own forward. Batch from `train_data.FivePassCollator`.
 * `compute_tailored_loss` — the same losses with the forwards shared (batch from
   `train_data.TailoredCollator`, where every prefix ends at the same column P):
-    mle weight|hf: ONE forward on [prefix | continuation] with grad gives the LM logits and
-        the anchor representation; its KV cache, cut to the first P columns and detached,
-        is the prefix cache of ONE forward over positives and negatives together, run only
-        for the rows that have a triplet. 2 forwards instead of 5; the anchor's activations
-        are not stored twice.
+    mle weight|hf: ONE forward on [prefix | continuation] with grad gives the LM logits; its KV
+        cache, cut to the first P columns and detached, is the prefix cache of ONE forward over
+        [anchor, positive, negative] (--cl_anchor detached, the original's gradient) or over
+        [positive, negative] with the anchor read from the LM forward (--cl_anchor full: the
+        anchor's activations are not computed twice, and its triplet gradient also reaches
+        the prompt's activations), run only for the rows that have a triplet. 2 forwards instead of 5.
     mle nograd|no: the prefix without grad, then ONE forward over [anchor, pos, neg] on the
         prefix cache repeated x3. 2 forwards instead of 4-5.
   When the full forward returns no reusable cache (gradient checkpointing turns the cache off,
@@ -20,11 +21,9 @@ run a training step's forwards on a batch:
   gradient checkpointing the forwards that read the prefix cache run unchecked (`cache_kept`):
   transformers 5 layers silently drop a passed cache when checkpointing.
 
-Values are identical to `five_pass_loss` (tests hold them to 1e-4). One intended gradient
-difference: in modes weight/hf the triplet loss's gradient through the ANCHOR also reaches the
-prefix's activations (the anchor is read from the full forward, whose prefix has grad), while
-the original computed the anchor on a no-grad prefix cache. Positive and negative still see a
-detached prefix, and the LM gradient is unchanged. Modes nograd/no match the original exactly.
+Values are identical to `five_pass_loss` (tests hold them to 1e-4), and so are the gradients
+except with --cl_anchor full, whose anchor gradient also reaches the prefix (positive and
+negative always see a detached prefix; the LM gradient is unchanged either way).
 
 Notes: `triplet_loss` returns the unscaled masked mean; `compute_tailored_loss` multiplies it by
 `cl_ratio`. Forwards always run on every rank, even when no row of the batch has a triplet,
@@ -49,6 +48,7 @@ from train_data import positions_from_mask
 
 MLE_MODES = ("weight", "hf", "nograd", "no")
 REPR_MODES = ("last", "pool")
+ANCHOR_MODES = ("detached", "full")
 
 
 @dataclass
@@ -59,9 +59,12 @@ class LossConfig:
     cl_ratio: float = 0.5        # triplet loss multiplier
     cl_p: float = 1.0            # triplet margin
     cl_repr: str = "last"        # last | pool
+    cl_anchor: str = "detached"  # detached: anchor re-read on the no-grad prefix (original) | full: from the LM forward
 
     def __post_init__(self):
         check_mle_mode(self.mle)
+        if self.cl_anchor not in ANCHOR_MODES:
+            raise UserError(f"--cl_anchor must be one of {', '.join(ANCHOR_MODES)}, got {self.cl_anchor!r}")
         if self.cl_repr not in REPR_MODES:
             raise UserError(f"--cl_repr must be one of {', '.join(REPR_MODES)}, got {self.cl_repr!r}")
         if self.mle == "no" and not self.contrastive:
@@ -265,22 +268,30 @@ def compute_tailored_loss(model: torch.nn.Module, batch: dict, cfg: LossConfig) 
         # Positives and negatives only for rows that have a triplet (rows without one are masked out anyway).
         rows = triplet_rows(batch["triplet_mask"])
         pairs = torch.stack([2 * rows, 2 * rows + 1], 1).flatten()
-        anchor_hidden, anchor_mask = full["hidden"][rows, width:], cont_mask[rows]
-        cache = reuse_prefix_cache(_output_cache(out), width, 2, rows)
+        parts = 3 if cfg.cl_anchor == "detached" else 2  # detached: the anchor is re-read on the prefix cache too
+        if parts == 2:
+            anchor = representation(full["hidden"][rows, width:], cont_mask[rows], cfg.cl_repr)
+        cache = reuse_prefix_cache(_output_cache(out), width, parts, rows)
         if cache is None:
-            cache = prefix_cache(model, batch, 2, rows)
+            cache = prefix_cache(model, batch, parts, rows)
         del out, full
-        contrast_mask = batch["contrast_mask"][pairs]
-        columns = int(contrast_mask.sum(1).max())  # right-padded: drop columns only dropped rows used
-        contrast_mask = contrast_mask[:, :columns]
+        ids, mask, positions = (batch[key][pairs] for key in ("contrast_ids", "contrast_mask", "contrast_position_ids"))
+        if parts == 3:
+            columns = max(cont_ids.shape[1], ids.shape[1])
+            ids = _interleave(_pad_right(cont_ids[rows], columns), _pad_right(ids, columns))
+            mask = _interleave(_pad_right(cont_mask[rows], columns), _pad_right(mask, columns))
+            positions = _interleave(_pad_right(batch["position_ids"][rows, width:], columns),
+                                    _pad_right(positions, columns))
+        columns = int(mask.sum(1).max())  # right-padded: drop columns only dropped rows used
+        ids, mask, positions = ids[:, :columns], mask[:, :columns], positions[:, :columns]
         with final_hidden(model) as contrast, cache_kept(model):
-            _forward(model, batch["contrast_ids"][pairs, :columns],
-                     torch.cat([prefix_mask[rows].repeat_interleave(2, 0), contrast_mask], 1),
-                     batch["contrast_position_ids"][pairs, :columns], cache=cache, use_cache=True, logits=False)
+            _forward(model, ids, torch.cat([prefix_mask[rows].repeat_interleave(parts, 0), mask], 1), positions,
+                     cache=cache, use_cache=True, logits=False)
         hidden = contrast["hidden"]
-        anchor = representation(anchor_hidden, anchor_mask, cfg.cl_repr)
-        positive = representation(hidden[0::2], contrast_mask[0::2], cfg.cl_repr)
-        negative = representation(hidden[1::2], contrast_mask[1::2], cfg.cl_repr)
+        if parts == 3:
+            anchor = representation(hidden[0::3], mask[0::3], cfg.cl_repr)
+        positive = representation(hidden[parts - 2::parts], mask[parts - 2::parts], cfg.cl_repr)
+        negative = representation(hidden[parts - 1::parts], mask[parts - 1::parts], cfg.cl_repr)
         row_mask = batch["triplet_mask"][rows]
     else:
         # nograd / no: the prefix never gets grad, so anchor, positive and negative share one forward.

@@ -1,5 +1,9 @@
 """Write the embedded offline tasks into localdataset/: `wordmath` (our generator) and `gsm_symbolic` (reasoning-gym).
 
+Three disjoint splits from three seeds: train (--seed), test (--seed + 1, as before the
+validation split existed, so earlier test numbers stay comparable) and validation (--seed + 2).
+Tuning and checkpoint selection read validation; test is read only for reported numbers.
+
 Idempotent: a split whose file already holds what these settings generate is left alone.
     python prepare_data.py                      # both tasks, default sizes
     python prepare_data.py --task wordmath --train_size 4000 --max_steps 4
@@ -19,7 +23,9 @@ def wordmath_splits(args: PrepareArguments) -> dict[str, list[dict]]:
                                      max_start=args.max_start, max_operand=args.max_operand)
     train = wordmath.generate(args.train_size, args.seed, difficulty)
     test = wordmath.generate(args.test_size, args.seed + 1, difficulty, exclude={r["question"] for r in train})
-    return {"train": train, "test": test}
+    validation = wordmath.generate(args.valid_size, args.seed + 2, difficulty,
+                                   exclude={r["question"] for r in train + test})
+    return {"train": train, "validation": validation, "test": test}
 
 
 def _same_number(a: str, b: str) -> bool:
@@ -48,7 +54,8 @@ def gsm_symbolic_splits(args: PrepareArguments) -> dict[str, list[dict]]:
     seen: set[str] = set()
     train = rows(args.train_size, args.seed, seen)
     test = rows(args.test_size, args.seed + 1, seen)
-    return {"train": train, "test": test}
+    validation = rows(args.valid_size, args.seed + 2, seen)
+    return {"train": train, "validation": validation, "test": test}
 
 
 def write_if_changed(path: Path, rows: list[dict]) -> str:
@@ -65,8 +72,8 @@ def main() -> None:
     builders = {"wordmath": wordmath_splits, "gsm_symbolic": gsm_symbolic_splits}
     if args.task != "all" and args.task not in builders:
         raise UserError(f"--task: expected one of {', '.join(builders)} or all, got {args.task!r}")
-    if args.train_size < 1 or args.test_size < 1:
-        raise UserError("--train_size and --test_size must be positive")
+    if args.train_size < 1 or args.test_size < 1 or args.valid_size < 1:
+        raise UserError("--train_size, --valid_size and --test_size must be positive")
     for name in builders if args.task == "all" else [args.task]:
         for split, rows in builders[name](args).items():
             path = Path(args.data_dir) / name / f"{split}.jsonl"

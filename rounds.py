@@ -1,9 +1,11 @@
 """The round driver: exam -> teacher -> training -> evaluation, round after round.
 
 Every stage is an ordinary command of this repo (printed before it runs, so any stage can be
-re-run by hand) writing into `<workdir>/round<r>/<stage>/`. A stage whose outputs exist is
+re-run by hand) writing into `<workdir>/<arm>/round<r>/<stage>/`. A stage whose outputs exist is
 skipped, so an interrupted run continues where it stopped; each round's manifest.json records
-inputs, outputs, teacher model, template hash, counts, accuracy and wall time.
+inputs, outputs, teacher model, template hash, counts, accuracy (validation and test) and wall time.
+Arms (`--arms`) are trained side by side from the same student and data: `reflect` (the method)
+and `lm` (LM loss only, the control), so the table shows what self-reflection adds.
 
 Round 1: teacher annotation of the train split + exam of the round-0 student -> training from
 round 0. Round r >= 2: exam of the round r-1 student -> tailored feedback on its mistakes ->
@@ -52,22 +54,33 @@ def latest_accuracy_file(folder: Path) -> Path | None:
     return Path(files[-1]) if files else None
 
 
+ARMS = {"reflect": True, "lm": False}  # arm -> trains with the self-reflection (triplet) loss
+
+
 class RoundDriver:
+    """Runs each arm of `--arms` round after round from the same round-0 student. Round 0's
+    evaluation and round 1's exam and teacher annotation do not depend on the arm: they run once,
+    in `<workdir>/round0` and `<workdir>/round1`, and every arm reads them; everything else of an
+    arm lives in `<workdir>/<arm>/round<r>/`."""
+
     def __init__(self, args):
         self.args = args
         self.workdir = Path(args.workdir)
         self.python = sys.executable
+        self.arms = args.arms.split(",")
+        self.splits = args.eval_splits.split(",")
 
     # ------------------------------------------------------------ stages (each a command)
     def common_flags(self) -> list[str]:
         a = self.args
-        flags = ["--task", a.task, "--data_dir", a.data_dir, "--device", a.device, "--seed", str(a.seed)]
+        flags = ["--task", a.task, "--data_dir", a.data_dir, "--valid_size", str(a.valid_size), "--device", a.device,
+                 "--seed", str(a.seed)]
         return flags + (["--fewshot", "yes"] if a.fewshot else [])
 
-    def evaluate(self, checkpoint: str, out: Path) -> dict:
+    def evaluate(self, checkpoint: str, out: Path, split: str) -> dict:
         found = latest_accuracy_file(out)
         if found is None:
-            argv = [self.python, "infer.py", *self.common_flags(), "--rationale", "--test_on", self.args.eval_split,
+            argv = [self.python, "infer.py", *self.common_flags(), "--rationale", "--test_on", split,
                     "--checkpoint", checkpoint, "--batch", str(self.args.eval_batch), "--output_dir", str(out)]
             if self.args.eval_limit:
                 argv += ["--limit", str(self.args.eval_limit)]
@@ -76,6 +89,9 @@ class RoundDriver:
         result = read_json(found)
         return {"acc": result["acc"], "strict_acc": result["strict_acc"], "correct": result["correct"],
                 "total": result["total"], "file": str(found)}
+
+    def evaluate_all(self, checkpoint: str, folder: Path) -> dict:
+        return {split: self.evaluate(checkpoint, folder / f"eval_{split}", split) for split in self.splits}
 
     def exam(self, checkpoint: str, out: Path) -> dict:
         if not (out / "summary.json").is_file():
@@ -95,7 +111,7 @@ class RoundDriver:
         if not (out / "summary.json").is_file() or not (out / "teacher_data.json").is_file():
             a = self.args
             argv = [self.python, "query_teacher.py", "--mode", mode, "--task", a.task, "--data_dir", a.data_dir,
-                    "--test_on", "train", "--backend", a.backend, "--teacher_model", a.teacher_model,
+                    "--test_on", "train", "--valid_size", str(a.valid_size), "--backend", a.backend, "--teacher_model", a.teacher_model,
                     "--num_samples", str(a.teacher_samples), "--output_dir", str(out), "--seed", str(a.seed)]
             if a.base_url:
                 argv += ["--base_url", a.base_url]
@@ -109,15 +125,16 @@ class RoundDriver:
                 "model": summary.get("model"), "kept": summary["samples"]["kept"],
                 "rejected": summary["samples"]["rejected"], "cost_usd": summary["cost_usd"]["all_requests"]}
 
-    def train(self, start_checkpoint: str, teacher_data: str, negatives: str, out: Path) -> str:
+    def train(self, start_checkpoint: str, teacher_data: str, negatives: str, out: Path, contrastive: bool) -> str:
         final = out / "final"
         if not (final / "run_args.json").is_file():
             a = self.args
             argv = [self.python, "run_trainer.py", *self.common_flags(), "--checkpoint", start_checkpoint,
                     "--teacher_data", teacher_data, "--epoch", str(a.epoch), "--train_bsz", str(a.train_bsz),
                     "--lr", str(a.lr), "--warmup_steps", str(a.warmup_steps), "--weight_decay", "0.01",
-                    "--contrastive", "yes" if a.contrastive else "no", "--cl_pos_path", teacher_data,
-                    "--cl_neg_path", negatives, "--cl_ratio", str(a.cl_ratio), "--merge_losses", "yes",
+                    "--contrastive", "yes" if contrastive else "no", "--cl_pos_path", teacher_data,
+                    "--cl_neg_path", negatives, "--cl_ratio", str(a.cl_ratio), "--cl_p", str(a.cl_p),
+                    "--cl_neg_form", a.cl_neg_form, "--cl_anchor", a.cl_anchor, "--merge_losses", "yes",
                     "--output_dir", str(out), "--resume", "yes", "--logging_steps", "20"]
             if a.bf16:
                 argv += ["--bf16", "yes"]
@@ -129,85 +146,104 @@ class RoundDriver:
         return str(final)
 
     # ------------------------------------------------------------ rounds
-    def round_dir(self, r: int) -> Path:
-        return self.workdir / f"round{r}"
+    def round_dir(self, arm: str, r: int) -> Path:
+        return self.workdir / arm / f"round{r}"
 
-    def checkpoint_of(self, r: int) -> str:
+    def checkpoint_of(self, arm: str, r: int) -> str:
         if r == 0:
             return self.args.student
-        manifest = self.round_dir(r) / "manifest.json"
-        return read_json(manifest)["checkpoint"]
+        return read_json(self.round_dir(arm, r) / "manifest.json")["checkpoint"]
 
-    def run_round(self, r: int) -> dict:
+    def run_round(self, arm: str, r: int) -> dict:
         started = time.time()
-        folder = self.round_dir(r)
-        previous = self.checkpoint_of(r - 1)
-        manifest = {"round": r, "task": self.args.task, "start_checkpoint": previous, "backend": self.args.backend}
+        folder = self.round_dir(arm, r)
+        previous = self.checkpoint_of(arm, r - 1)
+        manifest = {"round": r, "arm": arm, "task": self.args.task, "start_checkpoint": previous,
+                    "backend": self.args.backend}
         # wall time adds up over interrupted runs; a re-run that skips every stage adds ~nothing
         earlier_seconds = read_json(folder / "manifest.json").get("seconds", 0) if (folder / "manifest.json").is_file() else 0
-        exam = self.exam(previous, folder / "exam")
-        if r == 1:
-            teacher = self.teacher("annotate", folder / "teacher")
+        if r == 1:  # the round-0 student's exam and the annotation of the train split serve every arm
+            exam = self.exam(previous, self.workdir / "round1" / "exam")
+            teacher = self.teacher("annotate", self.workdir / "round1" / "teacher")
         else:
+            exam = self.exam(previous, folder / "exam")
             teacher = self.teacher("feedback", folder / "teacher", exam["student_wrong"])
         teacher_data, negatives = teacher["teacher_data"], exam["student_wrong"]
         if self.args.keep_previous_data and r > 1:  # the previous round's inputs already hold the ones before
-            earlier = read_json(self.round_dir(r - 1) / "manifest.json")["train_inputs"]
+            earlier = read_json(self.round_dir(arm, r - 1) / "manifest.json")["train_inputs"]
             teacher_data = str(folder / "train_teacher_data.json")
             negatives = str(folder / "train_negatives.json")
             merge_rationale_files([earlier["teacher_data"], teacher["teacher_data"]], Path(teacher_data))
             merge_rationale_files([earlier["negatives"], exam["student_wrong"]], Path(negatives))
-        checkpoint = self.train(previous, teacher_data, negatives, folder / "train")
-        evaluation = self.evaluate(checkpoint, folder / "eval")
+        checkpoint = self.train(previous, teacher_data, negatives, folder / "train", ARMS[arm])
+        evaluation = self.evaluate_all(checkpoint, folder)
         manifest.update(exam=exam, teacher=teacher, train_inputs={"teacher_data": teacher_data, "negatives": negatives},
                         checkpoint=checkpoint, eval=evaluation,
                         seconds=round(earlier_seconds + time.time() - started, 1))
         atomic_write_json(folder / "manifest.json", manifest)
         return manifest
 
-    def run(self) -> list[dict]:
+    def run(self) -> dict:
         a = self.args
-        rows = [{"round": 0, "eval": self.evaluate(a.student, self.round_dir(0) / "eval"), "teacher": None, "exam": None}]
+        student = {"round": 0, "arm": "student", "eval": self.evaluate_all(a.student, self.workdir / "round0"),
+                   "teacher": None, "exam": None}
+        rows: dict[str, list[dict]] = {arm: [] for arm in self.arms}
         for r in range(1, a.rounds + 1):
-            if r < a.start_round:
-                manifest = self.round_dir(r) / "manifest.json"
-                if not manifest.is_file():
-                    raise UserError(f"--start_round {a.start_round}: round {r} has no {manifest}; run it first")
-                rows.append(read_json(manifest))
-                continue
-            print(f"\n===== round {r} =====", flush=True)
-            rows.append(self.run_round(r))
-        atomic_write_json(self.workdir / "rounds.json", rows)
-        print_table(rows)
-        plot(rows, self.workdir / "rounds.png")
-        return rows
+            for arm in self.arms:
+                if r < a.start_round:
+                    manifest = self.round_dir(arm, r) / "manifest.json"
+                    if not manifest.is_file():
+                        raise UserError(f"--start_round {a.start_round}: round {r} of arm {arm} has no {manifest}; "
+                                        f"run it first")
+                    rows[arm].append(read_json(manifest))
+                    continue
+                print(f"\n===== round {r}, arm {arm} =====", flush=True)
+                rows[arm].append(self.run_round(arm, r))
+        result = {"splits": self.splits, "student": student, "arms": rows}
+        atomic_write_json(self.workdir / "rounds.json", result)
+        print_table(result)
+        plot(result, self.workdir / "rounds.png")
+        return result
 
 
-def print_table(rows: list[dict]) -> None:
-    print("\nround  accuracy  strict    teacher kept  negatives  cost($)  minutes")
-    for row in rows:
+def table_rows(result: dict) -> list[dict]:
+    """The student's row, then each round's row of every arm."""
+    rounds = max((len(rows) for rows in result["arms"].values()), default=0)
+    return [result["student"]] + [rows[r] for r in range(rounds) for rows in result["arms"].values() if r < len(rows)]
+
+
+def print_table(result: dict) -> None:
+    splits = result["splits"]
+    last = splits[-1]
+    print("\nround  arm      " + "".join(f"{s[:5] + ' acc':>10}" for s in splits) + f"{last[:5] + ' strict':>13}"
+          + "  teacher kept  negatives  cost($)  minutes")
+    for row in table_rows(result):
         ev, teacher, exam = row["eval"], row.get("teacher") or {}, row.get("exam") or {}
-        print(f"{row['round']:>5}  {ev['acc']:>8.4f}  {ev['strict_acc']:>6.4f}  {teacher.get('kept', '-'):>12}  "
-              f"{exam.get('negatives', '-'):>9}  {teacher.get('cost_usd', 0.0):>7.4f}  "
-              f"{row.get('seconds', 0) / 60:>7.1f}")
+        print(f"{row['round']:>5}  {row['arm']:<8}" + "".join(f"{ev[s]['acc']:>10.4f}" for s in splits)
+              + f"{ev[last]['strict_acc']:>13.4f}  {teacher.get('kept', '-'):>12}  {exam.get('negatives', '-'):>9}  "
+              f"{teacher.get('cost_usd', 0.0):>7.4f}  {row.get('seconds', 0) / 60:>7.1f}")
+    print("arms: reflect = LM loss + self-reflection triplet loss (the method); lm = LM loss only (plain distillation)")
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(result: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rounds = [row["round"] for row in rows]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(rounds, [row["eval"]["acc"] for row in rows], marker="o", label="accuracy (flexible)")
-    ax.plot(rounds, [row["eval"]["strict_acc"] for row in rows], marker="s", linestyle="--", label="accuracy (strict)")
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    student = result["student"]["eval"]
+    for arm, rows in result["arms"].items():
+        rounds = [0] + [row["round"] for row in rows]
+        for split, style in zip(result["splits"], ("-", "--", ":")):
+            accs = [student[split]["acc"]] + [row["eval"][split]["acc"] for row in rows]
+            ax.plot(rounds, accs, marker="o", linestyle=style, label=f"{arm}, {split}")
     ax.set_xlabel("round")
-    ax.set_ylabel("test accuracy")
-    ax.set_xticks(rounds)
+    ax.set_ylabel("accuracy (flexible)")
+    ax.set_xticks(range(0, max((len(r) for r in result["arms"].values()), default=0) + 1))
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     ax.set_title("Tailored learning, round by round")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -24,7 +24,8 @@ def prepare_embedded(args: RoundsArguments) -> None:
     (a user who generated the data with other difficulty settings keeps it)."""
     logs = Path(args.workdir) / "setup"
     task_dir = Path(args.data_dir) / args.task
-    if args.task in EMBEDDED_TASKS and not all((task_dir / f"{split}.jsonl").is_file() for split in ("train", "test")):
+    if args.task in EMBEDDED_TASKS and not all((task_dir / f"{split}.jsonl").is_file()
+                                               for split in ("train", "validation", "test")):
         run_command([sys.executable, "prepare_data.py", "--task", args.task, "--data_dir", args.data_dir],
                     logs / "prepare_data.log")
     if args.student == EMBEDDED_STUDENT and not (Path(args.student) / "build_info.json").is_file():

@@ -89,6 +89,7 @@ class TaskSpec:
     max_new_tokens: int
     split_alias: tuple[tuple[str, str], ...] = ()  # e.g. cqa's labelled "test" is the hub "validation"
     prepare_hint: str = ""
+    validation_from_train: bool = True  # no usable validation split of its own: carve one (--valid_size)
 
 
 TASKS: dict[str, TaskSpec] = {t.name: t for t in [
@@ -100,9 +101,9 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in [
     TaskSpec("sqa", "yesno", ("question", "answer"), _from_sqa, ("ChilleD/StrategyQA", None), 4, 128),
     # Embedded offline tasks, written into localdataset/ by prepare_data.py (GSM8K row format).
     TaskSpec("wordmath", "math", ("question", "answer"), _from_gsm8k, None, 3, 192,
-             prepare_hint="run `python prepare_data.py` first"),
+             prepare_hint="run `python prepare_data.py` first", validation_from_train=False),
     TaskSpec("gsm_symbolic", "math", ("question", "answer"), _from_gsm8k, None, 3, 256,
-             prepare_hint="run `python prepare_data.py` first"),
+             prepare_hint="run `python prepare_data.py` first", validation_from_train=False),
 ]}
 
 
@@ -172,9 +173,32 @@ def load_raw_rows(task: TaskSpec, split: str, data_dir: str = DATA_DIR) -> tuple
     return ds.to_list(), f"hub:{hub_name}"
 
 
-def load_split(task_name: str, split: str, data_dir: str = DATA_DIR, limit: int | None = None) -> list[Example]:
+def carve_validation(rows: list, valid_size: int, task_name: str) -> tuple[list, list]:
+    """(train rows, validation rows): a fixed draw of `valid_size` rows (the same for every script and
+    seed, so no stage ever trains on what another one validates on), both in file order."""
+    if not 0 < valid_size < len(rows):
+        raise UserError(f"--valid_size {valid_size}: must be between 1 and {len(rows) - 1} "
+                        f"(task {task_name} has {len(rows)} train items)")
+    picked = set(random.Random(f"validation:{task_name}").sample(range(len(rows)), valid_size))
+    return [r for i, r in enumerate(rows) if i not in picked], [rows[i] for i in sorted(picked)]
+
+
+def load_split(task_name: str, split: str, data_dir: str = DATA_DIR, limit: int | None = None,
+               valid_size: int = 0) -> list[Example]:
+    """Examples of a split. Tasks without a validation split of their own (the hub ones) get one with
+    `valid_size` > 0: that many train items, which `train` then leaves out; with 0, `train` is whole
+    (as in the original) and asking for `validation` is an error."""
     task = get_task(task_name)
-    rows, source = load_raw_rows(task, split, data_dir)
+    if task.validation_from_train and split == "validation" and valid_size < 1:
+        raise UserError(f"task {task.name} has no validation split: pass --valid_size N to hold out N train "
+                        f"items (a fixed draw) as validation; training then leaves them out")
+    if task.validation_from_train and split in ("train", "validation") and valid_size > 0:
+        rows, source = load_raw_rows(task, "train", data_dir)
+        train, validation = carve_validation(rows, valid_size, task.name)
+        rows, source = (train, f"{source} (train minus --valid_size {valid_size})") if split == "train" else \
+            (validation, f"{source} (--valid_size {valid_size} held out)")
+    else:
+        rows, source = load_raw_rows(task, split, data_dir)
     if not rows:
         raise UserError(f"{source}: split '{split}' of task {task.name} is empty")
     missing = [c for c in task.columns if c not in rows[0]]
@@ -187,6 +211,10 @@ def load_split(task_name: str, split: str, data_dir: str = DATA_DIR, limit: int 
         except (KeyError, ValueError, TypeError) as err:
             raise UserError(f"{source}: row {i}: cannot read {task.name} item ({type(err).__name__}: {err})") from None
     return examples
+
+
+def has_validation(task_name: str, valid_size: int) -> bool:
+    return not get_task(task_name).validation_from_train or valid_size > 0
 
 
 # ---------------------------------------------------------------- prompts

@@ -741,7 +741,7 @@ def plan_collection(args) -> Plan:
     if out.exists() and not out.is_dir():
         raise UserError(f"--output_dir: {out} exists and is not a folder")
     base_url = (args.base_url or os.environ.get("OPENAI_BASE_URL") or None) if args.backend == "openai" else None
-    examples = tasks.load_split(task.name, args.test_on, args.data_dir, limit=args.limit)
+    examples = tasks.load_split(task.name, args.test_on, args.data_dir, limit=args.limit, valid_size=args.valid_size)
     if args.backend == "offline":
         _check_offline(task, examples)
     jobs, unknown = _jobs(args, examples)

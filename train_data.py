@@ -51,13 +51,23 @@ def is_correct(task: TaskSpec, ex: Example, rationale: str) -> bool:
     return tasks.answers_match(task, tasks.extract_answer(task, rationale), ex.gold)
 
 
-def wrong_continuation(task: TaskSpec, text: str) -> str:
-    """A student's wrong rationale as a continuation: its own answer line is kept, never the gold.
+NEG_FORMS = ("gold", "own")
 
-    (The original appended the *gold* answer to negatives; a negative should be the student's mistake.)"""
+
+def wrong_continuation(task: TaskSpec, ex: Example, text: str, form: str = "gold") -> str:
+    """A student's wrong rationale (already known to be wrong) as a negative continuation.
+
+    gold: its reasoning, then the answer line with the GOLD answer, exactly as a teacher rationale
+          is turned into a target (the original's preprocessing of --cl_neg_path);
+    own:  its reasoning with its own (wrong) answer line kept, so the whole negative is the mistake.
+    Choice tasks have no separate answer line: both forms are the folded text."""
+    if form not in NEG_FORMS:
+        raise UserError(f"--cl_neg_form must be one of {', '.join(NEG_FORMS)}, got {form!r}")
     if task.kind == "choice":
         return tasks.fold(text)
     reasoning, marker, answer = tasks.cut_at_blank_line(text).partition("\nAnswer")
+    if form == "gold":
+        return tasks.continuation(task, ex, reasoning)
     if not marker:
         return tasks.fold(reasoning)
     return f"{tasks.fold(reasoning)}\nAnswer: {tasks.fold(answer.lstrip(':'))} "
@@ -124,14 +134,14 @@ def _select(items: list, limit: int, seed: int, question: str) -> list:
 def build_train_data(task: TaskSpec, examples: list[Example], tokenizer, *, teacher_data: str | None = None,
                      demos: str = "", max_length: int = 1024, cl_pos_path: str | None = None,
                      cl_neg_path: str | None = None, cl_pos_num: int = 10, cl_neg_num: int = 4,
-                     seed: int = 42) -> TrainData:
+                     seed: int = 42, cl_neg_form: str = "gold") -> TrainData:
     """Rows for the train split plus per-question triplet candidates, and counts for the log.
 
     teacher_data None: answer-only rows from the dataset's gold. Otherwise one row per teacher
     rationale whose final answer matches gold; train questions absent from the file are dropped.
     Positives (`cl_pos_path`, same format, answer-filtered, de-duplicated, at most cl_pos_num) and
-    negatives (`cl_neg_path`, at most cl_neg_num, those whose answer is in fact right are dropped)
-    are kept per question; the dataset picks one of each per row and epoch."""
+    negatives (`cl_neg_path`, at most cl_neg_num, those whose answer is in fact right are dropped,
+    then shaped by `cl_neg_form`) are kept per question; the dataset picks one of each per row and epoch."""
     counts: Counter = Counter(questions_in_split=len(examples))
     questions: list[str] = []
     rows: list[TrainRow] = []
@@ -183,13 +193,13 @@ def build_train_data(task: TaskSpec, examples: list[Example], tokenizer, *, teac
         if not (cl_pos_path and cl_neg_path):
             raise UserError("--contrastive needs both --cl_pos_path and --cl_neg_path")
         _add_triplet_candidates(result, task, by_question, prefixes, tokenizer, max_length,
-                                cl_pos_path, cl_neg_path, cl_pos_num, cl_neg_num, seed)
+                                cl_pos_path, cl_neg_path, cl_pos_num, cl_neg_num, seed, cl_neg_form)
     return result
 
 
 def _add_triplet_candidates(data: TrainData, task: TaskSpec, by_question: dict[str, Example], prefixes: list[str],
                             tokenizer, max_length: int, pos_path: str, neg_path: str, pos_num: int, neg_num: int,
-                            seed: int) -> None:
+                            seed: int, neg_form: str) -> None:
     pos_file = _by_question(read_rationale_file(pos_path, "--cl_pos_path"))
     neg_file = _by_question(read_rationale_file(neg_path, "--cl_neg_path"))
     counts = data.counts
@@ -212,7 +222,7 @@ def _add_triplet_candidates(data: TrainData, task: TaskSpec, by_question: dict[s
         for item in neg_file.get(tasks.fold(question), []):
             text = item_text(item)
             if text is not None and text.strip() and not is_correct(task, ex, text):
-                wrong.append(wrong_continuation(task, text))
+                wrong.append(wrong_continuation(task, ex, text, neg_form))  # shaped after the wrong-answer check
             else:
                 counts["negatives_dropped"] += 1  # malformed, empty, or actually right
         wrong = _select(list(dict.fromkeys(wrong)), neg_num, seed, question)

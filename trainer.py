@@ -21,7 +21,7 @@ from common import UserError, atomic_write_json, redact, set_seed
 from generation import (SamplingConfig, check_model_path, evaluate, load_tokenizer, load_weights, max_positions,
                         torch_dtype)
 from losses import LossConfig, compute_tailored_loss
-from tasks import get_task, load_demos, load_split
+from tasks import get_task, has_validation, load_demos, load_split
 from train_data import TailoredCollator, TailoredDataset, UniqueQuestionBatchSampler, build_train_data
 
 METRICS = ("lm_loss", "cl_loss", "triplet_fraction")
@@ -225,7 +225,7 @@ def run_training(args) -> dict:
         if path and not Path(path).is_file():
             raise UserError(f"--{name}: {path} not found")
 
-    train = load_split(task.name, "train", args.data_dir)
+    train = load_split(task.name, "train", args.data_dir, valid_size=args.valid_size)
     rationale = args.teacher_data is not None
     demos = load_demos(task, rationale, args.fewshot_file, train, args.seed) if args.fewshot else ""
     tokenizer = load_tokenizer(model_path, args.trust_remote_code)
@@ -234,14 +234,19 @@ def run_training(args) -> dict:
     data = build_train_data(task, train, tokenizer, teacher_data=args.teacher_data, demos=demos,
                             max_length=max_length, cl_pos_path=args.cl_pos_path if args.contrastive else None,
                             cl_neg_path=args.cl_neg_path if args.contrastive else None, cl_pos_num=args.cl_pos_num,
-                            cl_neg_num=args.cl_neg_num, seed=args.seed)
+                            cl_neg_num=args.cl_neg_num, seed=args.seed, cl_neg_form=args.cl_neg_form)
     if args.teacher_data_random:
         keep_one_rationale_per_question(data, args.seed)
     if distributed.is_main():
         print("training data: " + ", ".join(f"{k} {v}" for k, v in data.counts.items()))
     eval_setup = None
     if args.do_eval:
-        eval_setup = dict(task=task, examples=load_split(task.name, args.eval_split, args.data_dir, args.eval_limit),
+        eval_split = args.eval_split or ("validation" if has_validation(task.name, args.valid_size) else "test")
+        if args.eval_split is None and eval_split == "test" and distributed.is_main():
+            print(f"note: task {task.name} has no validation split (--valid_size 0): --do_eval and --save_best read "
+                  f"test, as the original did; pass --valid_size N to select on held-out train items instead")
+        eval_setup = dict(task=task, examples=load_split(task.name, eval_split, args.data_dir, args.eval_limit,
+                                                         args.valid_size),
                           demos=demos, rationale=rationale,
                           sampling=SamplingConfig(max_new_tokens=task.max_new_tokens, batch_size=args.eval_bsz))
 

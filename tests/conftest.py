@@ -28,13 +28,15 @@ def run_script(*argv: str, env: dict | None = None, timeout: int = 600) -> subpr
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
-    """localdataset-style folder with a small wordmath task (train 240, test 48)."""
+    """localdataset-style folder with a small wordmath task (train 240, validation 40, test 48)."""
     import wordmath
 
     root = tmp_path_factory.mktemp("data")
     train = wordmath.generate(240, seed=11)
     test = wordmath.generate(48, seed=12, exclude={r["question"] for r in train})
+    validation = wordmath.generate(40, seed=13, exclude={r["question"] for r in train + test})
     write_jsonl(root / "wordmath" / "train.jsonl", train)
+    write_jsonl(root / "wordmath" / "validation.jsonl", validation)
     write_jsonl(root / "wordmath" / "test.jsonl", test)
     return root
 
@@ -59,3 +61,22 @@ def tiny_student(data_dir, tmp_path_factory) -> Path:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def teacher_files(data_dir, tmp_path_factory):
+    """Teacher data for 60 train questions (two phrasings each, plus one wrong rationale the filter
+    must drop) and the student's wrong rationales for them."""
+    from tasks import load_split
+
+    folder = tmp_path_factory.mktemp("teacher")
+    teacher, negatives = {}, {}
+    for ex in load_split("wordmath", "train", str(data_dir))[:60]:
+        steps = ex.rationale.split(" Therefore, the answer is")[0]
+        teacher[ex.question] = [f"{steps} Therefore, the answer is {ex.gold}.",
+                                f"In short: {steps} Therefore, the answer is {ex.gold}.",
+                                f"{steps} Therefore, the answer is {int(ex.gold) + 1}."]
+        negatives[ex.question] = [f"{steps.split('.')[0]}. So it is {int(ex.gold) + 3}.\nAnswer: {int(ex.gold) + 3} "]
+    (folder / "train.round1.json").write_text(json.dumps(teacher))
+    (folder / "student.round0.neg4.json").write_text(json.dumps(negatives))
+    return folder / "train.round1.json", folder / "student.round0.neg4.json"

@@ -11,21 +11,24 @@ from conftest import run_script
 
 
 def test_prepare_data_is_idempotent_and_splits_are_disjoint(tmp_path):
-    argv = ["prepare_data.py", "--data_dir", str(tmp_path), "--train_size", "200", "--test_size", "50"]
+    argv = ["prepare_data.py", "--data_dir", str(tmp_path), "--train_size", "200", "--test_size", "50",
+            "--valid_size", "60"]
     first = run_script(*argv)
     assert first.returncode == 0, first.stderr
-    assert first.stdout.count("written") == 4
+    assert first.stdout.count("written") == 6
     files = {p: p.read_bytes() for p in tmp_path.rglob("*.jsonl")}
-    assert len(files) == 4
+    assert len(files) == 6
     second = run_script(*argv)
-    assert second.returncode == 0 and second.stdout.count("up to date") == 4
+    assert second.returncode == 0 and second.stdout.count("up to date") == 6
     assert {p: p.read_bytes() for p in tmp_path.rglob("*.jsonl")} == files
     for task in ("wordmath", "gsm_symbolic"):
         rows = {split: [json.loads(line) for line in (tmp_path / task / f"{split}.jsonl").read_text().splitlines()]
-                for split in ("train", "test")}
-        assert (len(rows["train"]), len(rows["test"])) == (200, 50)
-        assert not {r["question"] for r in rows["train"]} & {r["question"] for r in rows["test"]}
-        assert all(re.search(r"\n#### -?[\d.]+$", r["answer"]) for r in rows["train"] + rows["test"])
+                for split in ("train", "validation", "test")}
+        assert [len(rows[s]) for s in ("train", "validation", "test")] == [200, 60, 50]
+        questions = {split: {r["question"] for r in split_rows} for split, split_rows in rows.items()}
+        assert not questions["train"] & questions["test"]
+        assert not questions["validation"] & (questions["train"] | questions["test"])
+        assert all(re.search(r"\n#### -?[\d.]+$", r["answer"]) for split_rows in rows.values() for r in split_rows)
 
 
 def test_prepare_data_rejects_bad_flags(tmp_path):

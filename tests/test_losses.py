@@ -16,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import losses  # noqa: E402
 import student  # noqa: E402
 from common import UserError  # noqa: E402
-from losses import (MLE_MODES, REPR_MODES, LossConfig, compute_tailored_loss, five_pass_loss,  # noqa: E402
+from losses import (ANCHOR_MODES, MLE_MODES, REPR_MODES, LossConfig, compute_tailored_loss, five_pass_loss,  # noqa: E402
                     representation, triplet_loss, weighted_lm_loss)
 from test_train_data import TASK, make_examples, make_tokenizer, triplet_files  # noqa: E402
 from train_data import FivePassCollator, TailoredCollator, TailoredDataset, build_train_data  # noqa: E402
@@ -149,10 +149,11 @@ def record_triplets(monkeypatch) -> list[tuple[torch.Tensor, ...]]:
 
 @pytest.mark.parametrize("mle", MLE_MODES)
 @pytest.mark.parametrize("cl_repr", REPR_MODES)
-def test_matches_five_pass_reference(arch_setup, mle, cl_repr, monkeypatch):
+@pytest.mark.parametrize("cl_anchor", ANCHOR_MODES)
+def test_matches_five_pass_reference(arch_setup, mle, cl_repr, cl_anchor, monkeypatch):
     model, tokenizer, features = arch_setup
     ours_batch, ref_batch = batches(tokenizer, features)
-    cfg = LossConfig(mle=mle, contrastive=True, cl_repr=cl_repr, cl_p=1.0, cl_ratio=0.5)
+    cfg = LossConfig(mle=mle, contrastive=True, cl_repr=cl_repr, cl_p=1.0, cl_ratio=0.5, cl_anchor=cl_anchor)
     calls = record_triplets(monkeypatch)
     loss, metrics = compute_tailored_loss(model, ours_batch, cfg)
     ref_loss, ref_metrics = five_pass_loss(model, ref_batch, cfg)
@@ -201,17 +202,64 @@ def gradients(model, loss) -> dict[str, torch.Tensor]:
     return grads
 
 
-@pytest.mark.parametrize("mle", ["nograd", "no"])
-def test_gradients_match_reference_when_prefix_has_no_grad(arch_setup, mle):
-    """In nograd/no the shared step has exactly the original's graph, so gradients agree too."""
+@pytest.mark.parametrize("mle", MLE_MODES)
+def test_gradients_match_reference_with_the_detached_anchor(arch_setup, mle):
+    """--cl_anchor detached (the default) has the original's graph in every mode, so gradients agree too."""
     model, tokenizer, features = arch_setup
     ours_batch, ref_batch = batches(tokenizer, features)
-    cfg = LossConfig(mle=mle, contrastive=True)
+    cfg = LossConfig(mle=mle, contrastive=True, cl_anchor="detached")
     grads = gradients(model, compute_tailored_loss(model, ours_batch, cfg)[0])
     ref = gradients(model, five_pass_loss(model, ref_batch, cfg)[0])
     assert grads.keys() == ref.keys() and grads
     for name in grads:
         torch.testing.assert_close(grads[name], ref[name], atol=1e-5, rtol=1e-3)
+
+
+def test_full_anchor_gradient_differs_from_the_original(arch_setup):
+    """--cl_anchor full: same loss value, but the anchor's triplet gradient also flows through the prompt."""
+    model, tokenizer, features = arch_setup
+    ours_batch, ref_batch = batches(tokenizer, features)
+    cfg = LossConfig(mle="weight", contrastive=True, cl_anchor="full", cl_p=5.0)
+    grads = gradients(model, compute_tailored_loss(model, ours_batch, cfg)[0])
+    ref = gradients(model, five_pass_loss(model, ref_batch, cfg)[0])
+    assert max((grads[n] - ref[n]).abs().max().item() for n in grads) > 1e-4
+
+
+def by_hand(model, features, mle_w: float = 0.1, margin: float = 1.0) -> tuple[float, float]:
+    """(weighted LM loss, unscaled triplet loss) of rows that all have a triplet, one unpadded forward
+    per sequence, no cache: the loss written out from its definition."""
+    ce_sum, targets, per_row = 0.0, 0, []
+    with torch.no_grad():
+        last = {}
+        for i, f in enumerate(features):
+            for part in ("cont_ids", "pos_ids", "neg_ids"):
+                ids = torch.tensor([f["prefix_ids"] + f[part]])
+                out = model(input_ids=ids, output_hidden_states=True)
+                last[part] = out.hidden_states[-1][0, -1]
+                if part == "cont_ids":
+                    logp = torch.log_softmax(out.logits[0, :-1].float(), -1)
+                    for t in range(1, ids.shape[1]):
+                        weight = 1.0 if t >= len(f["prefix_ids"]) else mle_w
+                        ce_sum += -weight * logp[t - 1, ids[0, t]].item()
+                        targets += 1
+            cos_p = torch.dot(last["cont_ids"], last["pos_ids"]) / (last["cont_ids"].norm() * last["pos_ids"].norm())
+            cos_n = torch.dot(last["cont_ids"], last["neg_ids"]) / (last["cont_ids"].norm() * last["neg_ids"].norm())
+            per_row.append(max(0.0, (cos_n - cos_p).item() + margin))
+    return ce_sum / targets, sum(per_row) / len(per_row)
+
+
+@pytest.mark.parametrize("cl_anchor", ANCHOR_MODES)
+def test_two_row_batch_against_the_definition(arch_setup, cl_anchor):
+    model, tokenizer, features = arch_setup
+    two = [features[0], features[3]]  # both with a triplet, different lengths (padding on both sides)
+    assert all(f["pos_ids"] is not None for f in two) and len(two[0]["prefix_ids"]) != len(two[1]["prefix_ids"])
+    ours_batch, _ = batches(tokenizer, two)
+    cfg = LossConfig(mle="weight", mle_w=0.1, contrastive=True, cl_ratio=0.5, cl_p=0.7, cl_anchor=cl_anchor)
+    loss, metrics = compute_tailored_loss(model, ours_batch, cfg)
+    lm, triplet = by_hand(model, two, mle_w=0.1, margin=0.7)
+    assert metrics["lm_loss"].item() == pytest.approx(lm, abs=TOL)
+    assert metrics["cl_loss"].item() == pytest.approx(0.5 * triplet, abs=TOL)
+    assert loss.item() == pytest.approx(lm + 0.5 * triplet, abs=TOL)
 
 
 def test_gradients_finite_and_nonzero_with_triplet(arch_setup):

@@ -13,35 +13,42 @@ def driver_argv(student, data_dir, workdir, *extra):
             "--warmup_steps", "2", "--eval_limit", "12", *extra]
 
 
+def stage_scripts(stdout: str) -> list[str]:
+    return [line.split()[2] for line in stdout.splitlines() if line.startswith("$ ")]
+
+
 def test_two_rounds_end_to_end_then_resume_skips_everything(tiny_student, data_dir, tmp_path):
     workdir = tmp_path / "runs"
-    result = run_script(*driver_argv(tiny_student, data_dir, workdir), timeout=900)
+    result = run_script(*driver_argv(tiny_student, data_dir, workdir, "--arms", "reflect"), timeout=900)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
 
     commands = [line for line in result.stdout.splitlines() if line.startswith("$ ")]
-    scripts = [c.split()[2] for c in commands]
-    assert scripts == ["infer.py",  # round 0
-                       "infer_student_wrong.py", "query_teacher.py", "run_trainer.py", "infer.py",  # round 1
-                       "infer_student_wrong.py", "query_teacher.py", "run_trainer.py", "infer.py"]  # round 2
-    assert "--mode annotate" in commands[2] and "--mode feedback" in commands[6]
+    assert stage_scripts(result.stdout) == [
+        "infer.py", "infer.py",  # round 0 on validation and test
+        "infer_student_wrong.py", "query_teacher.py", "run_trainer.py", "infer.py", "infer.py",  # round 1
+        "infer_student_wrong.py", "query_teacher.py", "run_trainer.py", "infer.py", "infer.py"]  # round 2
+    assert "--test_on validation" in commands[0] and "--test_on test" in commands[1]
+    assert "--mode annotate" in commands[3] and "--mode feedback" in commands[8]
+    assert "--contrastive yes" in commands[4] and "--cl_neg_form gold" in commands[4]
 
-    first = json.loads((workdir / "round1" / "manifest.json").read_text())
-    second = json.loads((workdir / "round2" / "manifest.json").read_text())
+    first = json.loads((workdir / "reflect" / "round1" / "manifest.json").read_text())
+    second = json.loads((workdir / "reflect" / "round2" / "manifest.json").read_text())
     assert first["start_checkpoint"] == str(tiny_student)
-    assert second["start_checkpoint"] == first["checkpoint"] == str(workdir / "round1" / "train" / "final")
+    assert second["start_checkpoint"] == first["checkpoint"] == str(workdir / "reflect" / "round1" / "train" / "final")
     assert second["teacher"]["template_hash"] and second["teacher"]["model"]
-    assert second["exam"]["student_wrong"].endswith("round2/exam/student_wrong.json")
+    assert second["exam"]["student_wrong"].endswith("reflect/round2/exam/student_wrong.json")
     # keep_previous_data: round 2 trains on round 1's teacher data too
-    merged = json.loads((workdir / "round2" / "train_teacher_data.json").read_text())
+    merged = json.loads((workdir / "reflect" / "round2" / "train_teacher_data.json").read_text())
     round1_data = json.loads((workdir / "round1" / "teacher" / "teacher_data.json").read_text())
     assert set(round1_data) <= set(merged)
     for manifest in (first, second):
-        assert 0 <= manifest["eval"]["acc"] <= 1 and manifest["eval"]["total"] == 12
+        for split in ("validation", "test"):
+            assert 0 <= manifest["eval"][split]["acc"] <= 1 and manifest["eval"][split]["total"] == 12
         assert manifest["seconds"] > 0
     rows = json.loads((workdir / "rounds.json").read_text())
-    assert [row["round"] for row in rows] == [0, 1, 2]
+    assert [row["round"] for row in rows["arms"]["reflect"]] == [1, 2] and rows["student"]["round"] == 0
     assert (workdir / "rounds.png").stat().st_size > 1000
-    table = result.stdout[result.stdout.index("round  accuracy"):]
+    table = result.stdout[result.stdout.index("round  arm"):]
     assert len([line for line in table.splitlines() if line.strip()[:1].isdigit()]) == 3
 
     again = run_script(*driver_argv(tiny_student, data_dir, workdir), timeout=300)
@@ -50,8 +57,24 @@ def test_two_rounds_end_to_end_then_resume_skips_everything(tiny_student, data_d
     assert json.loads((workdir / "rounds.json").read_text()) == rows
 
 
+def test_two_arms_share_the_round_one_exam_and_teacher(tiny_student, data_dir, tmp_path):
+    workdir = tmp_path / "runs"
+    result = run_script(*driver_argv(tiny_student, data_dir, workdir, "--rounds", "1", "--arms", "lm,reflect"),
+                        timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert stage_scripts(result.stdout) == ["infer.py", "infer.py", "infer_student_wrong.py", "query_teacher.py",
+                                            "run_trainer.py", "infer.py", "infer.py",   # lm
+                                            "run_trainer.py", "infer.py", "infer.py"]   # reflect: same data
+    trains = [line for line in result.stdout.splitlines() if line.startswith("$ ") and "run_trainer.py" in line]
+    assert "--contrastive no" in trains[0] and "--contrastive yes" in trains[1]
+    lm, reflect = (json.loads((workdir / arm / "round1" / "manifest.json").read_text()) for arm in ("lm", "reflect"))
+    assert lm["train_inputs"] == reflect["train_inputs"] and lm["checkpoint"] != reflect["checkpoint"]
+    table = result.stdout[result.stdout.index("round  arm"):].splitlines()
+    assert [line.split()[1] for line in table[1:4]] == ["student", "lm", "reflect"]
+
+
 def test_start_round_needs_earlier_manifests(tiny_student, data_dir, tmp_path):
-    result = run_script(*driver_argv(tiny_student, data_dir, tmp_path / "empty", "--start_round", "2"))
+    result = run_script(*driver_argv(tiny_student, data_dir, tmp_path / "empty", "--start_round", "2", "--arms", "reflect"))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: --start_round")
 
@@ -64,12 +87,12 @@ def test_rounds_with_the_openai_backend_against_a_local_server(tiny_student, dat
     with FakeOpenAIServer() as server:
         server.inject("429", "500", "malformed")
         workdir = tmp_path / "runs"
-        result = run_script(*driver_argv(tiny_student, data_dir, workdir, "--backend", "openai",
+        result = run_script(*driver_argv(tiny_student, data_dir, workdir, "--backend", "openai", "--arms", "reflect",
                                          "--base_url", server.url, "--teacher_model", "fake-teacher"),
                             env={"OPENAI_API_KEY": secret}, timeout=900)
         assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
         assert server.completed > 0 and all(h == f"Bearer {secret}" for h in server.auth_headers)
-    second = json.loads((workdir / "round2" / "manifest.json").read_text())
+    second = json.loads((workdir / "reflect" / "round2" / "manifest.json").read_text())
     assert second["teacher"]["model"] == "fake-teacher" and second["teacher"]["kept"] > 0
     assert "--backend openai" in result.stdout
     written = [p for p in workdir.rglob("*") if p.is_file() and p.suffix in (".json", ".jsonl", ".txt")]

@@ -249,3 +249,28 @@ def test_load_errors_are_one_clear_line(tmp_path):
         tasks.load_split("gsm8k", "test", str(tmp_path))
     with pytest.raises(UserError, match="prepare_data.py"):
         tasks.load_split("wordmath", "test", str(tmp_path))
+
+
+# ---------------------------------------------------------------- validation held out of train
+
+def test_valid_size_holds_out_a_fixed_disjoint_part_of_train(tmp_path):
+    rows = [{"question": f"Q{i}?", "answer": f"Steps.\n#### {i}"} for i in range(50)]
+    write_jsonl(tmp_path / "gsm8k" / "train.jsonl", rows)
+    whole = tasks.load_split("gsm8k", "train", str(tmp_path))
+    train = tasks.load_split("gsm8k", "train", str(tmp_path), valid_size=10)
+    validation = tasks.load_split("gsm8k", "validation", str(tmp_path), valid_size=10)
+    assert (len(whole), len(train), len(validation)) == (50, 40, 10)
+    assert not {ex.question for ex in train} & {ex.question for ex in validation}
+    assert sorted(ex.question for ex in train + validation) == sorted(ex.question for ex in whole)
+    again = tasks.load_split("gsm8k", "validation", str(tmp_path), valid_size=10)
+    assert [ex.question for ex in again] == [ex.question for ex in validation]  # the same draw in every script
+    assert tasks.has_validation("gsm8k", 10) and not tasks.has_validation("gsm8k", 0)
+    assert tasks.has_validation("wordmath", 0)
+
+
+def test_validation_of_a_task_without_one_needs_valid_size(tmp_path):
+    write_jsonl(tmp_path / "gsm8k" / "train.jsonl", [{"question": "Q?", "answer": "S.\n#### 1"}] * 5)
+    with pytest.raises(UserError, match="--valid_size N"):
+        tasks.load_split("gsm8k", "validation", str(tmp_path))
+    with pytest.raises(UserError, match="--valid_size 5: must be between 1 and 4"):
+        tasks.load_split("gsm8k", "validation", str(tmp_path), valid_size=5)

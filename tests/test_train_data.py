@@ -165,7 +165,9 @@ def test_positive_is_distinct_and_negative_present(triplet_data, tokenizer, exam
                 continue
             assert f["pos_ids"] is not None and f["pos_ids"] != f["cont_ids"]
             assert tokenizer.decode(f["pos_ids"][:-1]) != row.text
-            assert "100000" in tokenizer.decode(f["neg_ids"]) or "100001" in tokenizer.decode(f["neg_ids"])
+            ex = examples[row.qid]  # default --cl_neg_form gold: the student's reasoning + the gold answer line
+            assert tokenizer.decode(f["neg_ids"][:-1]) in {tasks.continuation(TASK, ex, steps_of(ex)),
+                                                           tasks.continuation(TASK, ex, "I guess 100001.")}
             seen_pos.add((i, tuple(f["neg_ids"])))
     assert triplet_data.counts["rows_with_triplet"] == 23 - 1 - 2 - 2
     assert triplet_data.counts["negatives_dropped"] == 1     # q5's "negative" has the right answer
@@ -188,9 +190,35 @@ def test_candidate_limits(tmp_path, examples, tokenizer):
     assert len(data.positives[0]) == 10 and len(data.negatives[0]) == 4
 
 
-def test_wrong_continuation_keeps_the_students_answer():
-    assert wrong_continuation(TASK, "He has 3 + 4 = 8.\nAnswer: 8\n\nQuestion: next") == "He has 3 + 4 = 8.\nAnswer: 8 "
-    assert wrong_continuation(TASK, "He has  7\nthings.") == "He has 7 things."
+def test_wrong_continuation_own_form_keeps_the_students_answer():
+    ex = tasks.Example("Q?", "7")
+    assert wrong_continuation(TASK, ex, "He has 3 + 4 = 8.\nAnswer: 8\n\nQuestion: next", "own") == "He has 3 + 4 = 8.\nAnswer: 8 "
+    assert wrong_continuation(TASK, ex, "He has  7\nthings.", "own") == "He has 7 things."
+
+
+def test_wrong_continuation_gold_form_is_the_students_reasoning_with_the_gold_line():
+    ex = tasks.Example("Q?", "7")
+    assert wrong_continuation(TASK, ex, "He has 3 + 4 = 8.\nAnswer: 8\n\nQuestion: next", "gold") == "He has 3 + 4 = 8.\nAnswer: 7 "
+    assert wrong_continuation(TASK, ex, "He has  3 +\n4 = 8.", "gold") == "He has 3 + 4 = 8.\nAnswer: 7 "
+    # the same target a teacher rationale with that reasoning gets
+    assert wrong_continuation(TASK, ex, "He has 3 + 4 = 8.\nAnswer: 8", "gold") == tasks.continuation(TASK, ex, "He has 3 + 4 = 8.")
+
+
+def test_gold_form_negatives_are_filtered_on_the_students_own_answer(tmp_path):
+    examples = make_examples(20)
+    tokenizer = make_tokenizer(examples)
+    ex = examples[0]
+    right = f"{steps_of(ex)}\nAnswer: {ex.gold}"
+    wrong = f"{steps_of(ex)} plus one.\nAnswer: {int(ex.gold) + 1}"
+    teacher = write_json(tmp_path / "t.json", {ex.question: [right, right + " Done."]})
+    negs = write_json(tmp_path / "n.json", {ex.question: [right, wrong]})
+    for form in ("gold", "own"):
+        data = build_train_data(TASK, examples, tokenizer, teacher_data=teacher, cl_pos_path=teacher, cl_neg_path=negs,
+                                cl_neg_form=form)
+        assert data.counts["negatives_dropped"] == 1 and len(data.negatives[0]) == 1  # the right one goes either way
+        text = tokenizer.decode(data.negatives[0][0][:-1])
+        expected = wrong_continuation(TASK, ex, wrong, form)
+        assert text == expected and text.endswith(f"Answer: {ex.gold if form == 'gold' else int(ex.gold) + 1} ")
 
 
 # ---------------------------------------------------------------- batch sampler

@@ -16,23 +16,6 @@ from conftest import ROOT, run_script
 from tasks import load_split
 
 
-@pytest.fixture(scope="module")
-def teacher_files(data_dir, tmp_path_factory):
-    """Teacher data for 60 train questions (two phrasings each, plus one wrong rationale the filter
-    must drop) and the student's wrong rationales for them."""
-    folder = tmp_path_factory.mktemp("teacher")
-    teacher, negatives = {}, {}
-    for ex in load_split("wordmath", "train", str(data_dir))[:60]:
-        steps = ex.rationale.split(" Therefore, the answer is")[0]
-        teacher[ex.question] = [f"{steps} Therefore, the answer is {ex.gold}.",
-                                f"In short: {steps} Therefore, the answer is {ex.gold}.",
-                                f"{steps} Therefore, the answer is {int(ex.gold) + 1}."]
-        negatives[ex.question] = [f"{steps.split('.')[0]}. So it is {int(ex.gold) + 3}.\nAnswer: {int(ex.gold) + 3} "]
-    (folder / "train.round1.json").write_text(json.dumps(teacher))
-    (folder / "student.round0.neg4.json").write_text(json.dumps(negatives))
-    return folder / "train.round1.json", folder / "student.round0.neg4.json"
-
-
 def readme_command(student: Path, data_dir: Path, teacher: Path, negatives: Path, out: Path, *extra: str) -> list[str]:
     """The original README's training command; only model, files, device, length and precision adapted."""
     return ["run_trainer.py", "--device", "cpu", "--task", "wordmath", "--data_dir", str(data_dir),
@@ -62,6 +45,9 @@ def test_readme_command_trains_under_zero3_and_infer_scores_the_checkpoint(tiny_
     logged = [e for e in state["log_history"] if "lm_loss" in e]
     assert logged and all(0 <= e["triplet_fraction"] <= 1 and e["cl_loss"] >= 0 for e in logged)
     assert any("eval_accuracy" in e for e in state["log_history"])
+    evaluated = json.loads(next((out / "eval").glob("step*.json")).read_text())
+    validation = {ex.question for ex in load_split("wordmath", "validation", str(data_dir))}
+    assert {r["question"] for r in evaluated["records"]} <= validation  # selection reads validation, never test
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["steps"] == 3 and summary["data"]["rows"] == 120
     assert list((out / "runs").rglob("events.out.tfevents.*"))  # TensorBoard by default

@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from answers import ANSWER_MARKER, CHOICE_LETTERS, KINDS, AnswerKind, answer_line, number_text
 from common import UserError, read_json, read_jsonl
 
 DATA_DIR = "localdataset"
 FEWSHOT_DIR = Path(__file__).resolve().parent / "fewshot"
-CHOICE_LETTERS = "abcde"
 
 
 @dataclass
@@ -30,16 +30,6 @@ class Example:
 
 # ---------------------------------------------------------------- raw row -> Example
 
-def _number_text(value) -> str:
-    """Canonical text of a numeric gold answer: '1,234' -> '1234', 8.0 -> '8'."""
-    text = str(value).replace(",", "").replace("$", "").strip()
-    try:
-        number = float(text)
-    except ValueError:
-        return text
-    return str(int(number)) if number == int(number) else text
-
-
 def _clean_gsm_rationale(text: str) -> str:
     text = re.sub(r"<<[^<>]*>>", "", text)  # calculator annotations
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
@@ -50,18 +40,18 @@ def _from_gsm8k(row: dict) -> Example:
     if "####" not in solution:
         raise ValueError("answer has no '#### <number>' line")
     body, _, final = solution.rpartition("####")
-    return Example(row["question"].strip(), _number_text(final), rationale=_clean_gsm_rationale(body) or None)
+    return Example(row["question"].strip(), number_text(final), rationale=_clean_gsm_rationale(body) or None)
 
 
 def _from_svamp(row: dict) -> Example:
     body = str(row["Body"]).strip()
     if not body.endswith("."):
         body += "."
-    return Example(f"{body} {str(row['Question']).strip()}", _number_text(row["Answer"]))
+    return Example(f"{body} {str(row['Question']).strip()}", number_text(row["Answer"]))
 
 
 def _from_multiarith(row: dict) -> Example:
-    return Example(str(row["question"]).strip(), _number_text(row["final_ans"]))
+    return Example(str(row["question"]).strip(), number_text(row["final_ans"]))
 
 
 def _from_cqa(row: dict) -> Example:
@@ -81,7 +71,7 @@ def _from_sqa(row: dict) -> Example:
 @dataclass(frozen=True)
 class TaskSpec:
     name: str
-    kind: str                    # "math" | "choice" | "yesno"
+    kind: str                    # a key of answers.KINDS: "math" | "choice" | "yesno"
     columns: tuple[str, ...]     # raw columns the converter reads
     convert: Callable[[dict], Example]
     hub: tuple[str, str | None] | None  # (dataset name, config) for datasets.load_dataset
@@ -90,6 +80,11 @@ class TaskSpec:
     split_alias: tuple[tuple[str, str], ...] = ()  # e.g. cqa's labelled "test" is the hub "validation"
     prepare_hint: str = ""
     validation_from_train: bool = True  # no usable validation split of its own: carve one (--valid_size)
+
+    @property
+    def answers(self) -> AnswerKind:
+        """How this task's answers are written and read (answers.KINDS)."""
+        return KINDS[self.kind]
 
 
 TASKS: dict[str, TaskSpec] = {t.name: t for t in [
@@ -225,7 +220,7 @@ def fold(text: str) -> str:
 
 
 def question_block(task: TaskSpec, ex: Example, rationale: bool) -> str:
-    if task.kind == "choice":
+    if task.answers.lists_choices:
         options = "\n".join(f"({letter}) {text}" for letter, text in zip(CHOICE_LETTERS, ex.choices or []))
         return f"Question: {ex.question}\nAnswer Choices:\n{options}\nAnswer: "
     return f"Question: {ex.question}\nReasoning: " if rationale else f"Question: {ex.question}\nAnswer: "
@@ -234,10 +229,10 @@ def question_block(task: TaskSpec, ex: Example, rationale: bool) -> str:
 def continuation(task: TaskSpec, ex: Example, rationale_text: str | None) -> str:
     """Target text after the prompt: rationale + answer line (math, sqa) or the rationale alone (cqa)."""
     if rationale_text is None:
-        return f"({ex.gold})" if task.kind == "choice" else ex.gold
-    if task.kind == "choice":
+        return task.answers.answer_only_target(ex.gold)
+    if not task.answers.has_answer_line:
         return fold(rationale_text)
-    return f"{fold(rationale_text)}\nAnswer: {ex.gold} "
+    return fold(rationale_text) + answer_line(ex.gold)
 
 
 def build_prompt(task: TaskSpec, ex: Example, demos: str = "", rationale: bool = True) -> str:
@@ -286,8 +281,8 @@ def load_demos(task: TaskSpec, rationale: bool, fewshot_file: str | None = None,
 
 
 def _answer_only_block(task: TaskSpec, block: str) -> str:
-    if task.kind == "choice":
-        letter = extract_choice(block.split("\nAnswer: ", 1)[-1])
+    if task.answers.lists_choices:
+        letter = task.answers.extract(block.split("\nAnswer: ", 1)[-1], False)
         return block.split("\nAnswer: ", 1)[0] + f"\nAnswer: ({letter})"
     question = block.split("\nReasoning: ")[0]
     answer = block.rsplit("\nAnswer: ", 1)[-1]
@@ -296,86 +291,18 @@ def _answer_only_block(task: TaskSpec, block: str) -> str:
 
 # ---------------------------------------------------------------- answer extraction
 
-_NUMBER = re.compile(r"-?\d+\.?\d*")
-
-
-def _numbers(text: str) -> list[str]:
-    return [n.rstrip(".") for n in _NUMBER.findall(text.replace(",", ""))]
-
-
-def cut_at_blank_line(text: str) -> str:
-    return text.split("\n\n", 1)[0]
-
-
-def extract_number(text: str, strict: bool = False) -> str | None:
-    """SPEC §3: after '\\nAnswer' (else 'Therefore, the answer is') the first number; else the last one.
-
-    strict: only the structured 'Answer:' line counts."""
-    text = cut_at_blank_line(text)
-    markers = ["\nAnswer"] if strict else ["\nAnswer", "Therefore, the answer is"]
-    for marker in markers:
-        if marker in text:
-            found = _numbers(text.split(marker, 1)[1])
-            return found[0] if found else None
-    if strict:
-        return None
-    found = _numbers(text)
-    return found[-1] if found else None
-
-
-_CHOICE = re.compile(r"\(([a-eA-E])\)")
-
-
-def extract_choice(text: str, strict: bool = False) -> str | None:
-    first_line = cut_at_blank_line(text).strip().split("\n", 1)[0]
-    if strict:
-        match = re.search(r"the answer is.*\(([a-eA-E])\)", first_line)
-        return match.group(1).lower() if match else None
-    found = _CHOICE.findall(first_line)
-    if found:
-        return found[-1].lower()
-    bare = re.fullmatch(r"\(?([a-eA-E])\)?[.\s]*", first_line.strip())
-    return bare.group(1).lower() if bare else None
-
-
-_YESNO = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
-
-
-def extract_yesno(text: str, strict: bool = False) -> str | None:
-    text = cut_at_blank_line(text)
-    if "\nAnswer" in text:
-        found = _YESNO.findall(text.split("\nAnswer", 1)[1])
-        return found[0].capitalize() if found else None
-    if strict:
-        return None
-    found = _YESNO.findall(text)
-    return found[-1].capitalize() if found else None
-
-
 def extract_answer(task: TaskSpec, generated: str, strict: bool = False, rationale: bool = True) -> str | None:
     """Prediction from the generated continuation; None never matches a gold answer.
 
     In answer-only mode the continuation *is* the answer line, so it is read as one."""
-    if not rationale and task.kind != "choice":
-        generated = "\nAnswer: " + generated
-    if task.kind == "math":
-        return extract_number(generated, strict)
-    if task.kind == "choice":
-        return extract_choice(generated, strict)
-    return extract_yesno(generated, strict)
+    if not rationale and task.answers.has_answer_line:
+        generated = f"{ANSWER_MARKER}: {generated}"
+    return task.answers.extract(generated, strict)
 
 
 def answers_match(task: TaskSpec, prediction: str | None, gold: str) -> bool:
     """Numeric comparison for math ('19.0' == '19'); exact letter / Yes-No otherwise."""
-    if prediction is None:
-        return False
-    if task.kind != "math":
-        return prediction.lower() == gold.lower()
-    try:
-        p, g = float(prediction), float(_number_text(gold))
-    except ValueError:
-        return prediction.strip() == gold.strip()
-    return abs(p - g) <= 1e-6 * max(1.0, abs(g))
+    return prediction is not None and task.answers.same(prediction, gold)
 
 
 def grade(task: TaskSpec, generated: str, gold: str, rationale: bool = True) -> dict:

@@ -11,19 +11,16 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from tasks import CHOICE_LETTERS, Example, TaskSpec
+from answers import CHOICE_LETTERS, KINDS
+from tasks import Example, TaskSpec
 
 SYSTEM = (
     "You are a patient teacher who writes short, correct worked solutions for a student model. "
     "Write one paragraph of plain prose, with no lists, headings or line breaks."
 )
 
-# How the last sentence must look, per task kind (SPEC §2): the student learns this exact shape.
-FINAL_SENTENCE = {
-    "math": "End with the sentence \"Therefore, the answer is <number>.\" using the number only.",
-    "yesno": "End with the sentence \"Therefore, the answer is yes.\" or \"Therefore, the answer is no.\"",
-    "choice": "End with the sentence \"Therefore, the answer is <choice text> (<letter>).\"",
-}
+# How the last sentence must look, per task kind (SPEC §2; answers.KINDS): the student learns this exact shape.
+FINAL_SENTENCE = {name: kind.teacher_instruction() for name, kind in KINDS.items()}
 
 ANNOTATE = """Solve the question below step by step. Show each calculation or fact you use, then state the result.
 {final_sentence}
@@ -62,15 +59,11 @@ def template_hash(kind: str) -> str:
 
 def gold_text(task: TaskSpec, ex: Example) -> str:
     """The gold answer as the teacher should write it: cqa as '<text> (<letter>)'."""
-    if task.kind == "choice" and ex.choices:
-        return f"{ex.choices[CHOICE_LETTERS.index(ex.gold)]} ({ex.gold})"
-    if task.kind == "yesno":
-        return ex.gold.lower()
-    return ex.gold
+    return task.answers.teacher_gold(ex.gold, ex.choices)
 
 
 def _choices_block(task: TaskSpec, ex: Example) -> str:
-    if task.kind != "choice" or not ex.choices:
+    if not task.answers.lists_choices or not ex.choices:
         return ""
     return "\nAnswer Choices: " + " ".join(f"({letter}) {text}" for letter, text in zip(CHOICE_LETTERS, ex.choices))
 

@@ -23,6 +23,7 @@ from typing import Any, Hashable, Iterator, Sequence
 import torch
 
 import tasks
+from answers import ANSWER_MARKER, answer_line, cut_at_blank_line
 from common import UserError, read_json
 from tasks import Example, TaskSpec
 
@@ -63,14 +64,14 @@ def wrong_continuation(task: TaskSpec, ex: Example, text: str, form: str = "gold
     Choice tasks have no separate answer line: both forms are the folded text."""
     if form not in NEG_FORMS:
         raise UserError(f"--cl_neg_form must be one of {', '.join(NEG_FORMS)}, got {form!r}")
-    if task.kind == "choice":
+    if not task.answers.has_answer_line:
         return tasks.fold(text)
-    reasoning, marker, answer = tasks.cut_at_blank_line(text).partition("\nAnswer")
+    reasoning, marker, answer = cut_at_blank_line(text).partition(ANSWER_MARKER)
     if form == "gold":
         return tasks.continuation(task, ex, reasoning)
     if not marker:
         return tasks.fold(reasoning)
-    return f"{tasks.fold(reasoning)}\nAnswer: {tasks.fold(answer.lstrip(':'))} "
+    return tasks.fold(reasoning) + answer_line(tasks.fold(answer.lstrip(":")))
 
 
 def _by_question(data: dict[str, list]) -> dict[str, list]:

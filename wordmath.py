@@ -10,14 +10,18 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from answers import final_sentence
+
 NAMES = ["Mia", "Leo", "Ava", "Sam", "Zoe", "Max", "Ivy", "Ben", "Eva", "Tom", "Amy", "Jon", "Kim", "Raj", "Lily", "Omar"]
 PRONOUN = {n: ("She" if n in {"Mia", "Ava", "Zoe", "Ivy", "Eva", "Amy", "Kim", "Lily"} else "He") for n in NAMES}
 ITEMS = ["apples", "stickers", "marbles", "books", "coins", "pens", "cards", "shells", "cookies", "stamps"]
 FRIENDS = ["a friend", "a cousin", "a classmate", "a neighbor"]
 # Worked solutions vary their wording the way different writers (or a teacher LLM) would, so a
 # student trained on them reads any of these as the same reasoning step.
+# The offline teacher re-words rationales with the same phrases (teacher_backends.py).
 CONNECTORS = [", so ", ", which gives ", "; hence ", ", and so "]
-OPENERS = ["", "", "Let's think step by step. "]
+STEP_BY_STEP = "Let's think step by step."
+OPENERS = ["", "", STEP_BY_STEP + " "]
 
 
 @dataclass(frozen=True)
@@ -72,7 +76,7 @@ def make_problem(rng: random.Random, d: Difficulty) -> dict:
         rationale.append(r)
         steps.append(step)
     question.append(f"How many {item} does {who} have now?")
-    rationale.append(f"Therefore, the answer is {value}.")
+    rationale.append(final_sentence(str(value)))
     return {"question": " ".join(question), "answer": " ".join(rationale) + f"\n#### {value}", "steps": steps}
 
 

@@ -18,6 +18,9 @@ import args as args_mod  # noqa: E402
 import query_teacher  # noqa: E402
 import tasks  # noqa: E402
 import teacher  # noqa: E402
+import teacher_backends  # noqa: E402
+import teacher_collect  # noqa: E402
+import teacher_journal  # noqa: E402
 import wordmath  # noqa: E402
 from common import UserError  # noqa: E402
 from fake_openai_server import FakeOpenAIServer  # noqa: E402
@@ -96,11 +99,11 @@ GOLD = ("Zoe starts with 4 stamps. She gets 8 more, so 4 + 8 = 12. She gives awa
     ("I do not know.", "The final answer is wrong; the correct answer is 15."),
 ])
 def test_feedback_names_first_wrong_step(wrong, expected):
-    assert teacher.diagnose(wrong, GOLD, tasks.get_task("wordmath"), "15") == expected
+    assert teacher_backends.diagnose(wrong, GOLD, tasks.get_task("wordmath"), "15") == expected
 
 
 def test_parse_equations_handles_gsm_style():
-    found = teacher.parse_equations("It costs $1,200 x 3 = $3,600, then 2 + 3 * 4 = 14 and 7 / 2 = 3.5.")
+    found = teacher_backends.parse_equations("It costs $1,200 x 3 = $3,600, then 2 + 3 * 4 = 14 and 7 / 2 = 3.5.")
     assert [(e.lhs, e.claimed, e.value) for e in found] == [
         ("$1200 x 3", 3600.0, 3600.0), ("2 + 3 * 4", 14.0, 14.0), ("7 / 2", 3.5, 3.5)]
 
@@ -136,7 +139,7 @@ def test_offline_feedback_mode(tmp_path):
     data_dir = make_data_dir(tmp_path, n=4)
     examples = tasks.load_split("wordmath", "train", str(data_dir))
     ex = examples[1]
-    first = teacher.parse_equations(ex.rationale)[0]
+    first = teacher_backends.parse_equations(ex.rationale)[0]
     wrong = f"{first.lhs} = {int(first.claimed) + 1}. Therefore, the answer is {int(first.claimed) + 1}."
     student_wrong = tmp_path / "student_wrong.json"
     student_wrong.write_text(json.dumps({ex.question: [wrong, wrong + " ", "Therefore, the answer is 0."]}))
@@ -179,13 +182,13 @@ def test_offline_needs_gold_rationales(tmp_path):
     ("sqa", "Ice melts. Therefore, the answer is no.", "No", ("Ice melts. Therefore, the answer is no.", "kept")),
 ])
 def test_judge(task, text, gold, expected):
-    assert teacher.judge(tasks.get_task(task), text, gold) == expected
+    assert teacher_collect.judge(tasks.get_task(task), text, gold) == expected
 
 
 def test_journal_ignores_and_repairs_truncated_tail(tmp_path):
     path = tmp_path / "journal.jsonl"
     path.write_text('{"key": "a", "texts": []}\n{"key": "b", "texts": []}\n{"key": "c", "tex')
-    journal = teacher.Journal(path)
+    journal = teacher_journal.Journal(path)
     assert set(journal.load()) == {"a", "b"}
     journal.append({"key": "d", "texts": []})
     journal.close()
@@ -193,7 +196,7 @@ def test_journal_ignores_and_repairs_truncated_tail(tmp_path):
 
 
 def test_retry_delay_honours_retry_after():
-    policy, rng = teacher.RetryPolicy(max_retries=3, base_delay=0.1), random.Random(0)
+    policy, rng = teacher_collect.RetryPolicy(max_retries=3, base_delay=0.1), random.Random(0)
     assert 2.0 <= policy.delay(0, 2.0, rng) <= 2.4
     assert all(0.05 * 2 ** a <= policy.delay(a, None, rng) <= 0.1 * 2 ** a for a in range(4))
 
@@ -326,14 +329,14 @@ def test_concurrency_is_bounded(tmp_path, with_key):
 def test_prices(tmp_path):
     table_file = tmp_path / "prices.json"
     table_file.write_text(json.dumps({"my-model": {"prompt_per_1m": 1.0, "completion_per_1m": 2.0}}))
-    table = teacher.load_price_table(str(table_file))
-    assert teacher.resolve_prices("my-model", table, None, None).cost(1_000_000, 1_000_000) == 3.0
-    assert teacher.resolve_prices("gpt-4o-mini-2024-07-18", table, None, None).prompt_per_1m == 0.15
-    assert teacher.resolve_prices("gpt-4o", table, 9.0, None) == teacher.Prices(9.0, 10.0)
-    assert not teacher.resolve_prices("mystery", table, None, None).known
+    table = teacher_journal.load_price_table(str(table_file))
+    assert teacher_journal.resolve_prices("my-model", table, None, None).cost(1_000_000, 1_000_000) == 3.0
+    assert teacher_journal.resolve_prices("gpt-4o-mini-2024-07-18", table, None, None).prompt_per_1m == 0.15
+    assert teacher_journal.resolve_prices("gpt-4o", table, 9.0, None) == teacher_journal.Prices(9.0, 10.0)
+    assert not teacher_journal.resolve_prices("mystery", table, None, None).known
     table_file.write_text(json.dumps({"bad": {"prompt_per_1m": "x"}}))
     with pytest.raises(UserError, match="bad"):
-        teacher.load_price_table(str(table_file))
+        teacher_journal.load_price_table(str(table_file))
 
 
 def test_max_cost_needs_a_known_price(tmp_path, server, with_key):

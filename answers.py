@@ -1,0 +1,170 @@
+"""How answers are written and read, per task kind: one definition for everyone.
+
+A rationale ends with the final sentence "Therefore, the answer is <answer>." (SPEC §2); a
+training target then adds the structured answer line "\\nAnswer: <gold> " (math, yes/no).
+Prompts and targets (`tasks.py`), the teacher's instructions (`teacher_templates.py`), its judge
+and offline stand-in (`teacher_*.py`), the negatives (`train_data.py`) and the wordmath generator
+all take these shapes from here, so rewording one changes every writer and reader together.
+
+`KINDS` is the table of task kinds (like `tasks.TASKS` is the table of datasets): how a kind
+extracts a prediction (flexible or strict), compares it with gold, shows gold to the teacher,
+and makes a wrong answer for the offline teacher's error practice.
+"""
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+FINAL_PREFIX = "Therefore, the answer is"
+ANSWER_MARKER = "\nAnswer"
+CHOICE_LETTERS = "abcde"
+FINAL_SENTENCE = re.compile(rf"{re.escape(FINAL_PREFIX)} .*?(?:\.(?=\s|$)|$)")   # first one, in a paragraph
+CLOSING_FINAL_SENTENCE = re.compile(rf"\s*{re.escape(FINAL_PREFIX)} [^.]*\.?\s*$")  # one that ends a text
+
+
+def final_sentence(answer: str) -> str:
+    return f"{FINAL_PREFIX} {answer}."
+
+
+def answer_line(gold: str) -> str:
+    """The structured line a math / yes-no target ends with (its trailing space is the original's)."""
+    return f"{ANSWER_MARKER}: {gold} "
+
+
+def cut_at_blank_line(text: str) -> str:
+    """A blank line ends an answer: generation stops there and the rest is the next demo."""
+    return text.split("\n\n", 1)[0]
+
+
+# ---------------------------------------------------------------- numbers
+
+_NUMBER = re.compile(r"-?\d+\.?\d*")
+
+
+def number_text(value) -> str:
+    """Canonical text of a numeric answer: '1,234' -> '1234', 8.0 -> '8'; other text unchanged."""
+    text = str(value).replace(",", "").replace("$", "").strip()
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return str(int(number)) if number == int(number) else text
+
+
+def numbers_close(a: float | None, b: float | None) -> bool:
+    """Equal up to float noise, relative to the size of b."""
+    return a is not None and b is not None and abs(a - b) <= 1e-6 * max(1.0, abs(b))
+
+
+def format_number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:.4f}".rstrip("0").rstrip(".")
+
+
+def _numbers(text: str) -> list[str]:
+    return [n.rstrip(".") for n in _NUMBER.findall(text.replace(",", ""))]
+
+
+# ---------------------------------------------------------------- extraction, per kind
+
+def extract_number(text: str, strict: bool = False) -> str | None:
+    """SPEC §3: after the answer line (else the final sentence) the first number; else the last one.
+
+    strict: only the structured answer line counts."""
+    text = cut_at_blank_line(text)
+    markers = [ANSWER_MARKER] if strict else [ANSWER_MARKER, FINAL_PREFIX]
+    for marker in markers:
+        if marker in text:
+            found = _numbers(text.split(marker, 1)[1])
+            return found[0] if found else None
+    if strict:
+        return None
+    found = _numbers(text)
+    return found[-1] if found else None
+
+
+_CHOICE = re.compile(r"\(([a-eA-E])\)")
+_STRICT_CHOICE = re.compile(rf"{re.escape(FINAL_PREFIX.split(', ', 1)[1])}.*\(([a-eA-E])\)")  # "the answer is ... (c)"
+
+
+def extract_choice(text: str, strict: bool = False) -> str | None:
+    first_line = cut_at_blank_line(text).strip().split("\n", 1)[0]
+    if strict:
+        match = _STRICT_CHOICE.search(first_line)
+        return match.group(1).lower() if match else None
+    found = _CHOICE.findall(first_line)
+    if found:
+        return found[-1].lower()
+    bare = re.fullmatch(r"\(?([a-eA-E])\)?[.\s]*", first_line.strip())
+    return bare.group(1).lower() if bare else None
+
+
+_YESNO = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
+
+
+def extract_yesno(text: str, strict: bool = False) -> str | None:
+    text = cut_at_blank_line(text)
+    if ANSWER_MARKER in text:
+        found = _YESNO.findall(text.split(ANSWER_MARKER, 1)[1])
+        return found[0].capitalize() if found else None
+    if strict:
+        return None
+    found = _YESNO.findall(text)
+    return found[-1].capitalize() if found else None
+
+
+def _same_number(prediction: str, gold: str) -> bool:
+    try:
+        return numbers_close(float(prediction), float(number_text(gold)))
+    except ValueError:
+        return prediction.strip() == gold.strip()
+
+
+def _same_text(prediction: str, gold: str) -> bool:
+    return prediction.lower() == gold.lower()
+
+
+def _wrong_number(gold: str, rng: random.Random) -> str:
+    try:
+        return format_number(float(gold) + rng.choice([-2, -1, 1, 2, 10]))
+    except ValueError:
+        return gold + "0"
+
+
+def _choice_gold(gold: str, choices: list[str] | None) -> str:
+    return f"{choices[CHOICE_LETTERS.index(gold)]} ({gold})" if choices else gold
+
+
+# ---------------------------------------------------------------- the table of kinds
+
+@dataclass(frozen=True)
+class AnswerKind:
+    name: str
+    extract: Callable[[str, bool], str | None]          # (generated text, strict) -> prediction
+    same: Callable[[str, str], bool]                      # (prediction, gold) -> right?
+    has_answer_line: bool                                 # targets end with answer_line(gold)
+    lists_choices: bool                                   # the prompt lists lettered choices
+    teacher_shape: str                                    # how the teacher must write the answer
+    teacher_gold: Callable[[str, list[str] | None], str]  # (gold, choices) -> gold as the teacher writes it
+    wrong_answer: Callable[[str, random.Random], str]     # a plausible wrong answer (offline teacher)
+
+    def teacher_instruction(self) -> str:
+        return f"End with the sentence {self.teacher_shape}"
+
+    def answer_only_target(self, gold: str) -> str:
+        return f"({gold})" if self.lists_choices else gold
+
+
+KINDS: dict[str, AnswerKind] = {k.name: k for k in [
+    AnswerKind("math", extract_number, _same_number, has_answer_line=True, lists_choices=False,
+               teacher_shape=f'"{final_sentence("<number>")}" using the number only.',
+               teacher_gold=lambda gold, choices: gold, wrong_answer=_wrong_number),
+    AnswerKind("yesno", extract_yesno, _same_text, has_answer_line=True, lists_choices=False,
+               teacher_shape=f'"{final_sentence("yes")}" or "{final_sentence("no")}"',
+               teacher_gold=lambda gold, choices: gold.lower(),
+               wrong_answer=lambda gold, rng: "no" if gold.lower() == "yes" else "yes"),
+    AnswerKind("choice", extract_choice, _same_text, has_answer_line=False, lists_choices=True,
+               teacher_shape=f'"{final_sentence("<choice text> (<letter>)")}"',
+               teacher_gold=_choice_gold, wrong_answer=lambda gold, rng: gold + "0"),
+]}

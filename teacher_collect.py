@@ -1,0 +1,210 @@
+"""Collecting teacher replies: retries with back-off, the spending budget, the concurrent
+collector that journals every reply before use, and the judge that keeps correct rationales.
+"""
+from __future__ import annotations
+
+import asyncio
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+
+import tasks
+from answers import FINAL_SENTENCE
+from common import redact
+from tasks import TaskSpec
+from teacher_backends import Backend, FatalError, RequestError, RetryableError
+from teacher_journal import Journal, Prices, Reply, Request, estimate_tokens, prompt_text
+
+MAX_BACKOFF_S = 60.0
+
+
+# ---------------------------------------------------------------- retries
+
+@dataclass
+class RetryPolicy:
+    max_retries: int = 5
+    base_delay: float = 1.0
+
+    def delay(self, attempt: int, retry_after: float | None, rng: random.Random) -> float:
+        if retry_after is not None:  # the server knows best; a little jitter avoids a thundering herd
+            return min(MAX_BACKOFF_S, retry_after) * rng.uniform(1.0, 1.2)
+        return min(MAX_BACKOFF_S, self.base_delay * 2 ** attempt) * rng.uniform(0.5, 1.0)
+
+
+async def complete_with_retries(backend: Backend, request: Request, policy: RetryPolicy,
+                                rng: random.Random, log) -> Reply:
+    """RetryableError -> back off and try again; after max_retries it becomes a RequestError."""
+    for attempt in range(policy.max_retries + 1):
+        try:
+            reply = await backend.complete(request)
+            reply.attempts = attempt + 1
+            return reply
+        except RetryableError as err:
+            if attempt == policy.max_retries:
+                raise RequestError(f"gave up after {attempt + 1} attempts: {err}") from None
+            wait = policy.delay(attempt, err.retry_after, rng)
+            log(f"retry {attempt + 1}/{policy.max_retries} in {wait:.2f}s ({err})")
+            await asyncio.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+# ---------------------------------------------------------------- budget
+
+@dataclass
+class Budget:
+    """Stops launching requests before --max_requests / --max_cost would be passed."""
+    max_requests: int | None
+    max_cost: float | None
+    launched: int = 0
+    spent: float = 0.0
+    reserved: float = 0.0
+    stop_reason: str | None = None
+
+    def admit(self, estimate: float) -> bool:
+        if self.stop_reason:
+            return False
+        if self.max_requests is not None and self.launched >= self.max_requests:
+            self.stop_reason = f"--max_requests {self.max_requests} reached"
+        elif self.max_cost is not None and self.spent + self.reserved + estimate > self.max_cost:
+            self.stop_reason = f"--max_cost ${self.max_cost:g} reached (spent ${self.spent:.4f})"
+        else:
+            self.launched += 1
+            self.reserved += estimate
+            return True
+        return False
+
+    def settle(self, estimate: float, actual: float) -> None:
+        self.reserved -= estimate
+        self.spent += actual
+
+
+# ---------------------------------------------------------------- collection
+
+@dataclass
+class Collector:
+    backend: Backend
+    journal: Journal
+    budget: Budget
+    prices: Prices
+    policy: RetryPolicy
+    concurrency: int
+    est_completion_tokens: int
+    secret: str | None = None
+    failures: dict[str, str] = field(default_factory=dict)
+    fatal: str | None = None
+    new_records: int = 0
+
+    def scrub(self, text: str) -> str:
+        if self.secret:
+            text = text.replace(self.secret, "<redacted>")
+        return redact(text)
+
+    def log(self, message: str) -> None:
+        from tqdm import tqdm
+        tqdm.write(f"teacher: {self.scrub(message)}", file=sys.stderr)
+
+    def estimate_cost(self, request: Request, n: int) -> float:
+        return self.prices.cost(estimate_tokens(prompt_text(request.prompt)), self.est_completion_tokens * n)
+
+    async def run(self, pending: list[Request], records: dict[str, dict], n: int, bar) -> None:
+        semaphore = asyncio.Semaphore(self.concurrency)
+        seed_rng = random.Random(0)
+        running = []
+        for request in pending:
+            await semaphore.acquire()
+            estimate = self.estimate_cost(request, n)
+            if self.fatal or not self.budget.admit(estimate):
+                semaphore.release()
+                break
+            rng = random.Random(seed_rng.random())  # per-request jitter stream
+            running.append(asyncio.create_task(self._one(request, estimate, records, semaphore, rng, bar)))
+        await asyncio.gather(*running)
+
+    async def _one(self, request: Request, estimate: float, records: dict, semaphore, rng, bar) -> None:
+        actual = 0.0
+        try:
+            reply = await complete_with_retries(self.backend, request, self.policy, rng, self.log)
+            actual = self.prices.cost(reply.prompt_tokens, reply.completion_tokens)
+            record = self._record(request, reply, actual)
+            await asyncio.to_thread(self.journal.append, record)  # durable before anything uses it
+            records[request.key] = record
+            self.new_records += 1
+        except RequestError as err:
+            self.failures[request.key] = self.scrub(str(err))
+            self.log(f"request failed for {request.example.question[:60]!r}: {self.failures[request.key]}")
+        except FatalError as err:
+            self.fatal = self.scrub(str(err))
+            self.failures[request.key] = self.fatal
+        finally:
+            self.budget.settle(estimate, actual)
+            semaphore.release()
+            bar.update(1)
+
+    def _record(self, request: Request, reply: Reply, cost: float) -> dict:
+        return {"key": request.key, "kind": request.kind, "question": request.example.question,
+                "gold": request.example.gold, "wrong": request.wrong, "backend": self.backend.name,
+                "model": self.backend.model, "template_hash": request.prompt.template_hash,
+                "params": self.backend.params(), "texts": reply.texts,
+                "usage": {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens},
+                "cost_usd": round(cost, 8), "attempts": reply.attempts, "finished_at": round(time.time(), 3)}
+
+
+# ---------------------------------------------------------------- judging teacher replies
+
+def judge(task: TaskSpec, text: str, gold: str) -> tuple[str | None, str]:
+    """(one-paragraph rationale cut after its final sentence, reason); reason 'kept' or why not."""
+    if not text or not text.strip():
+        return None, "empty"
+    paragraph = tasks.fold(text)
+    final = FINAL_SENTENCE.search(paragraph)
+    if final is None:
+        return paragraph, "no_final_sentence"
+    rationale = paragraph[: final.end()]
+    if not rationale.endswith("."):
+        rationale += "."  # the student learns one shape of final sentence
+    predicted = tasks.extract_answer(task, rationale)
+    if predicted is None:
+        return rationale, "no_answer"
+    if not tasks.answers_match(task, predicted, gold):
+        return rationale, "wrong_answer"
+    return rationale, "kept"
+
+
+@dataclass
+class Outputs:
+    teacher_data: dict[str, list[str]]
+    provenance: list[dict]
+    counts: dict
+
+
+def build_outputs(task: TaskSpec, requests: list[Request], records: dict[str, dict],
+                  failures: dict[str, str], backend: Backend) -> Outputs:
+    """Teacher data in request order (dataset order), so it is the same however the run went."""
+    data: dict[str, list[str]] = {}
+    provenance, reasons = [], {}
+    for request in requests:
+        record = records.get(request.key)
+        base = {"question": request.example.question, "kind": request.kind, "request_key": request.key,
+                "template_hash": request.prompt.template_hash, "backend": backend.name, "model": backend.model}
+        if request.wrong is not None:
+            base["student_rationale"] = request.wrong
+        if record is None:
+            reason = "request_failed: " + failures[request.key] if request.key in failures else "not_run"
+            provenance.append({**base, "rationale": None, "kept": False, "reason": reason})
+            continue
+        for text in record["texts"]:
+            rationale, reason = judge(task, text, request.example.gold)
+            kept_list = data.setdefault(request.example.question, [])
+            if reason == "kept" and rationale in kept_list:
+                reason = "duplicate"
+            if reason == "kept":
+                kept_list.append(rationale)
+            else:
+                reasons[reason] = reasons.get(reason, 0) + 1
+            provenance.append({**base, "rationale": rationale, "kept": reason == "kept", "reason": reason})
+    data = {q: r for q, r in data.items() if r}
+    kept = sum(len(r) for r in data.values())
+    counts = {"kept": kept, "rejected": sum(reasons.values()), "rejected_by_reason": dict(sorted(reasons.items())),
+              "questions_with_data": len(data)}
+    return Outputs(data, provenance, counts)

@@ -2,8 +2,8 @@
 
 Nothing here knows about the HF Trainer: `run_trainer.py` builds a `TrainData` with
 `build_train_data`, wraps it in a `TailoredDataset`, batches it with `UniqueQuestionBatchSampler`
-and collates with `TailoredCollator` (our loss, `losses.compute_tailored_loss`) or
-`FivePassCollator` (the literal five-forward reference, `losses.five_pass_loss`).
+and collates with `TailoredCollator` (for `shared_step.compute_tailored_loss`; the literal
+five-forward reference and its collator live in `tests/reference.py`).
 
 Row = one (question, teacher rationale) pair:
     prefix       = tasks.build_prompt(task, ex, demos, rationale=True)   (the inference prompt)
@@ -360,7 +360,7 @@ def _triplet_parts(features: list[dict], eos_id: int) -> tuple[list[list[int]], 
 
 @dataclass
 class TailoredCollator:
-    """Batch for `losses.compute_tailored_loss`.
+    """Batch for `shared_step.compute_tailored_loss`.
 
     Layout (B rows, P = longest prefix, C = longest continuation, K = longest pos/neg):
         prefix_ids, prefix_mask    (B, P)  LEFT-padded prompt: every prefix ends at column P-1
@@ -388,34 +388,4 @@ class TailoredCollator:
             prefix_len = prefix_mask.sum(1).repeat_interleave(2)
             batch.update(contrast_ids=contrast_ids, contrast_mask=contrast_mask, triplet_mask=triplet_mask,
                          contrast_position_ids=positions_from_mask(contrast_mask, prefix_len))
-        return batch
-
-
-@dataclass
-class FivePassCollator:
-    """Batch for `losses.five_pass_loss`, padded as the original did (no shared columns).
-
-        full_ids, full_mask, full_cont_mask  (B, T) prefix+continuation RIGHT-padded; cont marks the continuation
-        prefix_ids, prefix_mask              (B, P) LEFT-padded prompt (as at inference)
-        anchor_ids/_mask, pos_ids/_mask, neg_ids/_mask  RIGHT-padded continuations
-        triplet_mask                         (B,)
-    """
-    pad_token_id: int
-    eos_token_id: int
-    contrastive: bool = False
-
-    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        full = [f["prefix_ids"] + f["cont_ids"] for f in features]
-        full_ids, full_mask = _pad(full, self.pad_token_id)
-        cont_marks, _ = _pad([[0] * len(f["prefix_ids"]) + [1] * len(f["cont_ids"]) for f in features], 0)
-        prefix_ids, prefix_mask = _pad([f["prefix_ids"] for f in features], self.pad_token_id, left=True)
-        anchor_ids, anchor_mask = _pad([f["cont_ids"] for f in features], self.pad_token_id)
-        batch = {"full_ids": full_ids, "full_mask": full_mask, "full_cont_mask": cont_marks,
-                 "prefix_ids": prefix_ids, "prefix_mask": prefix_mask, "anchor_ids": anchor_ids,
-                 "anchor_mask": anchor_mask}
-        if self.contrastive:
-            seqs, triplet_mask = _triplet_parts(features, self.eos_token_id)
-            batch["pos_ids"], batch["pos_mask"] = _pad(seqs[0::2], self.pad_token_id)
-            batch["neg_ids"], batch["neg_mask"] = _pad(seqs[1::2], self.pad_token_id)
-            batch["triplet_mask"] = triplet_mask
         return batch

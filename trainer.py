@@ -20,7 +20,8 @@ from args import as_dict
 from common import UserError, atomic_write_json, redact, set_seed
 from generation import (SamplingConfig, check_model_path, evaluate, load_tokenizer, load_weights, max_positions,
                         torch_dtype)
-from losses import LossConfig, compute_tailored_loss
+from losses import LossConfig
+from shared_step import compute_tailored_loss
 from tasks import get_task, has_validation, load_demos, load_split
 from train_data import TailoredCollator, TailoredDataset, UniqueQuestionBatchSampler, build_train_data
 

@@ -1,4 +1,4 @@
-"""One training step: shared-prefix loss (`losses.compute_tailored_loss`) vs the seed's five forwards.
+"""One training step: shared-prefix loss (`shared_step.compute_tailored_loss`) vs the seed's five forwards.
 
 Both steps (loss + backward + AdamW step) run side by side in this process on the same batch
 and the same model: warm-up, then timed rounds that alternate which variant goes first.
@@ -42,6 +42,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # the five-forward reference
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
@@ -49,8 +50,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPTJConfig, GPTJFo
 
 import student  # noqa: E402
 import tasks  # noqa: E402
-from losses import LossConfig, compute_tailored_loss, five_pass_loss  # noqa: E402
-from train_data import FivePassCollator, TailoredCollator, TailoredDataset, build_train_data  # noqa: E402
+from losses import LossConfig  # noqa: E402
+from reference import FivePassCollator, five_pass_loss  # noqa: E402  (tests/reference.py)
+from shared_step import compute_tailored_loss  # noqa: E402
+from train_data import TailoredCollator, TailoredDataset, build_train_data  # noqa: E402
 
 CONFIGS = {
     "student": dict(n_layer=4, n_embd=128, n_head=4, rotary_dim=16),

@@ -16,10 +16,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import losses  # noqa: E402
 import student  # noqa: E402
 from common import UserError  # noqa: E402
-from losses import (ANCHOR_MODES, MLE_MODES, REPR_MODES, LossConfig, compute_tailored_loss, five_pass_loss,  # noqa: E402
-                    representation, triplet_loss, weighted_lm_loss)
+import shared_step  # noqa: E402
+from losses import (ANCHOR_MODES, MLE_MODES, REPR_MODES, LossConfig, representation, triplet_loss,  # noqa: E402
+                    weighted_lm_loss)
+from reference import FivePassCollator, five_pass_loss  # noqa: E402
+from shared_step import compute_tailored_loss  # noqa: E402
 from test_train_data import TASK, make_examples, make_tokenizer, triplet_files  # noqa: E402
-from train_data import FivePassCollator, TailoredCollator, TailoredDataset, build_train_data  # noqa: E402
+from train_data import TailoredCollator, TailoredDataset, build_train_data  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 TOL = 1e-4
@@ -189,7 +192,7 @@ def test_fallback_prefix_forward_gives_same_values(arch_setup, monkeypatch):
     ours_batch, _ = batches(tokenizer, features)
     cfg = LossConfig(contrastive=True)
     loss, _ = compute_tailored_loss(model, ours_batch, cfg)
-    monkeypatch.setattr(losses, "reuse_prefix_cache", lambda *args: None)
+    monkeypatch.setattr(shared_step, "reuse_prefix_cache", lambda *args: None)
     fallback, _ = compute_tailored_loss(model, ours_batch, cfg)
     assert abs(loss.item() - fallback.item()) < TOL
 
@@ -302,9 +305,45 @@ def test_gradient_checkpointing_keeps_the_prefix_cache(setup, mle):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    assert losses._checkpointing(model)
+    assert shared_step._checkpointing(model)
     checkpointed, _ = compute_tailored_loss(model, ours_batch, cfg)
     reference, _ = five_pass_loss(model, ref_batch, cfg)
     assert abs(checkpointed.item() - plain.item()) < TOL and abs(reference.item() - plain.item()) < TOL
     checkpointed.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+# ---------------------------------------------------------------- a loss that needs token log-probs
+
+@pytest.mark.parametrize("mle,cl_anchor", [("weight", "detached"), ("weight", "full"), ("nograd", "detached")])
+def test_registered_loss_gets_token_logprobs_of_positive_and_negative(arch_setup, mle, cl_anchor, monkeypatch):
+    """A loss registered with needs_logprobs gets each continuation token's log-probability under the model,
+    the same as an unpadded forward of prompt + continuation, with no cache."""
+    model, tokenizer, features = arch_setup
+    two = [features[0], features[3]]
+    seen = []
+
+    def probe(inputs, cfg):
+        seen.append(inputs)
+        return (inputs.positive_logprobs.sum() - inputs.negative_logprobs.sum()) * 0.0 + inputs.anchor.sum() * 0.0
+
+    monkeypatch.setitem(losses.CONTRAST_LOSSES, "probe", losses.ContrastLoss(probe, needs_logprobs=True))
+    ours_batch, _ = batches(tokenizer, two)
+    compute_tailored_loss(model, ours_batch, LossConfig(mle=mle, contrastive=True, cl_loss="probe", cl_anchor=cl_anchor))
+    (inputs,) = seen
+    for i, f in enumerate(two):
+        for part, logprobs, mask in (("pos_ids", inputs.positive_logprobs, inputs.positive_mask),
+                                     ("neg_ids", inputs.negative_logprobs, inputs.negative_mask)):
+            ids = torch.tensor([f["prefix_ids"] + f[part]])
+            with torch.no_grad():
+                logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+            start = len(f["prefix_ids"])
+            expected = torch.stack([logp[start + j - 1, tok] for j, tok in enumerate(f[part])])
+            assert int(mask[i].sum()) == len(f[part])
+            torch.testing.assert_close(logprobs[i, :len(f[part])].detach(), expected, atol=1e-4, rtol=1e-4)
+            assert (logprobs[i, len(f[part]):] == 0).all()
+
+
+def test_unknown_self_reflection_loss_is_a_clear_error():
+    with pytest.raises(UserError, match="--cl_loss must be one of triplet"):
+        LossConfig(contrastive=True, cl_loss="dpo")

@@ -19,8 +19,9 @@ import student  # noqa: E402
 import tasks  # noqa: E402
 import wordmath  # noqa: E402
 from common import UserError  # noqa: E402
-from train_data import (FivePassCollator, TailoredCollator, TailoredDataset, UniqueQuestionBatchSampler,  # noqa: E402
-                        build_train_data, encode_pair, wrong_continuation)
+from reference import FivePassCollator  # noqa: E402
+from train_data import (TailoredCollator, TailoredDataset, UniqueQuestionBatchSampler, build_train_data,  # noqa: E402
+                        encode_pair, wrong_continuation)
 
 TASK = tasks.get_task("wordmath")
 

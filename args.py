@@ -5,7 +5,7 @@ original README uses both.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from transformers import HfArgumentParser
 
@@ -25,6 +25,21 @@ def as_dict(args) -> dict:
     return asdict(args)
 
 
+def to_argv(cls, **values) -> list[str]:
+    """Command-line flags that parse back into `cls(**values)`. Building `cls` here checks every name
+    and value before anything runs; each flag is written under its first alias (the original's short
+    flag) where it has one; None values are left out."""
+    cls(**values)
+    argv = []
+    for f in fields(cls):
+        value = values.get(f.name)
+        if value is None:
+            continue
+        flag = (f.metadata.get("aliases") or [f"--{f.name}"])[0]
+        argv += [flag, ("yes" if value else "no") if isinstance(value, bool) else str(value)]
+    return argv
+
+
 def device_list(device: str) -> list[str]:
     """'0,1,2' -> ['0','1','2']; 'cpu' or '' -> [] (one process, default device)."""
     if device.strip().lower() in ("", "cpu", "auto"):
@@ -36,21 +51,27 @@ def device_list(device: str) -> list[str]:
 
 
 @dataclass
-class ModelArguments:
+class DataArguments:
+    """What the student is asked: task, splits, prompt format. Shared by every model-running script."""
     task: str = field(default="wordmath", metadata={"help": "Task name: gsm8k, svamp, multiarith, cqa, sqa, wordmath, gsm_symbolic."})
-    load: str = field(default="checkpoints/wordmath-student",
-                      metadata={"help": "Base model: a hub name (e.g. EleutherAI/gpt-j-6B) or a local folder."})
-    checkpoint: str | None = field(default=None, metadata={"help": "Trained checkpoint folder; overrides --load when given."})
-    device: str = field(default="cpu", metadata={"help": "'cpu' or GPU ids '0,1,...'; several ids run one process per id."})
     data_dir: str = field(default="localdataset", metadata={"help": "Local datasets: <data_dir>/<task>/<split>.{jsonl,json,parquet} or a save_to_disk folder."})
     valid_size: int = field(default=0, metadata={"help": "Tasks without a validation split (the hub ones): hold out N train items "
                                                         "(a fixed draw) as 'validation', which train then leaves out. 0: train whole, as the original."})
     fewshot: bool = field(default=False, metadata={"help": "Prepend few-shot demos to every prompt."})
     fewshot_file: str | None = field(default=None, metadata={"help": "Demos file (.txt blocks separated by blank lines, or .json/.jsonl records)."})
     rationale: bool = field(default=False, metadata={"help": "Rationale mode (Reasoning: ... Answer: ...) instead of answer-only."})
+    seed: int = field(default=42, metadata={"help": "Random seed (demo choice, sampling)."})
+
+
+@dataclass
+class ModelArguments:
+    """Which model, where it runs, in what precision."""
+    load: str = field(default="checkpoints/wordmath-student",
+                      metadata={"help": "Base model: a hub name (e.g. EleutherAI/gpt-j-6B) or a local folder."})
+    checkpoint: str | None = field(default=None, metadata={"help": "Trained checkpoint folder; overrides --load when given."})
+    device: str = field(default="cpu", metadata={"help": "'cpu' or GPU ids '0,1,...'; several ids run one process per id."})
     fp16: bool = field(default=False, metadata={"help": "Load weights in float16 (GPU)."})
     bf16: bool = field(default=False, metadata={"help": "Load weights in bfloat16."})
-    seed: int = field(default=42, metadata={"help": "Random seed (demo choice, sampling)."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the hub (off by default)."})
     local_rank: int = field(default=-1, metadata={"help": "Set by the `deepspeed` launcher; the rank is read from the environment."})
 
@@ -60,7 +81,7 @@ class ModelArguments:
 
 
 @dataclass
-class InferArguments(ModelArguments):
+class InferArguments(ModelArguments, DataArguments):
     test_on: str = field(default="test", metadata={"help": "Split to evaluate: test, train, validation."})
     batch: int = field(default=32, metadata={"help": "Generation batch size per process."})
     max_new_tokens: int | None = field(default=None, metadata={"help": "Default: the task's value (SPEC §6)."})
@@ -71,7 +92,7 @@ class InferArguments(ModelArguments):
 
 
 @dataclass
-class ExamArguments(ModelArguments):
+class ExamArguments(ModelArguments, DataArguments):
     test_on: str = field(default="train", metadata={"help": "Split the student sits the exam on."})
     batch: int = field(default=32, metadata={"help": "Prompts per generation batch per process (each sampled n times)."})
     sample_num: int = field(default=4, metadata={"help": "Samples per question."})
@@ -84,18 +105,24 @@ class ExamArguments(ModelArguments):
 
 
 @dataclass
-class TrainArguments(ModelArguments):
-    """Flags of the original README's training command, with its defaults (SPEC §5)."""
+class TrainArguments(ModelArguments, DataArguments):
+    """Flags of the original README's training command, with its defaults (SPEC §5).
+
+    Fields named like a `transformers.TrainingArguments` field are handed to it as they are
+    (trainer.training_arguments); the original's short flags (--lr, --epoch, --train_bsz, ...) are
+    aliases of those names."""
     teacher_data: str | None = field(default=None, metadata={"help": "Teacher rationales {question: [rationale, ...]}; without it: answer-only training on gold answers."})
     teacher_data_random: bool = field(default=False, metadata={"help": "Train on one randomly chosen teacher rationale per question instead of all."})
-    epoch: float = field(default=10, metadata={"help": "Training epochs."})
+    num_train_epochs: float = field(default=10, metadata={"aliases": ["--epoch"], "help": "Training epochs."})
     max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimizer steps (overrides --epoch when > 0)."})
-    train_bsz: int = field(default=2, metadata={"help": "Training batch size per process."})
-    eval_bsz: int = field(default=16, metadata={"help": "Generation batch size of the per-epoch evaluation."})
-    grad_accum: int = field(default=1, metadata={"help": "Gradient accumulation steps."})
-    lr: float = field(default=7e-6, metadata={"help": "Learning rate (constant after warm-up)."})
+    per_device_train_batch_size: int = field(default=2, metadata={"aliases": ["--train_bsz"], "help": "Training batch size per process."})
+    per_device_eval_batch_size: int = field(default=16, metadata={"aliases": ["--eval_bsz"], "help": "Generation batch size of the per-epoch evaluation."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"aliases": ["--grad_accum"], "help": "Gradient accumulation steps."})
+    learning_rate: float = field(default=7e-6, metadata={"aliases": ["--lr"], "help": "Peak learning rate."})
+    lr_scheduler_type: str = field(default="constant_with_warmup", metadata={"help": "Learning-rate schedule (a transformers scheduler name)."})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
     warmup_steps: int = field(default=100, metadata={"help": "Linear warm-up steps."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0: no clipping)."})
     max_length: int = field(default=1024, metadata={"help": "Longest training sequence in tokens (prompt truncated from the left)."})
     deepspeed: str | None = field(default=None, metadata={"help": "DeepSpeed config, e.g. ds_stage3_config.json (ZeRO-3)."})
     contrastive: bool = field(default=False, metadata={"help": "Add the self-reflection triplet loss."})
@@ -103,8 +130,9 @@ class TrainArguments(ModelArguments):
     cl_neg_path: str | None = field(default=None, metadata={"help": "Negatives: the student's wrong rationales {question: [...]}."})
     cl_pos_num: int = field(default=10, metadata={"help": "At most this many positives per question."})
     cl_neg_num: int = field(default=4, metadata={"help": "At most this many negatives per question."})
+    cl_loss: str = field(default="triplet", metadata={"help": "Self-reflection loss (losses.CONTRAST_LOSSES): triplet, the original's."})
     cl_p: float = field(default=1.0, metadata={"help": "Triplet margin."})
-    cl_ratio: float = field(default=0.5, metadata={"help": "Weight of the triplet loss."})
+    cl_ratio: float = field(default=0.5, metadata={"help": "Weight of the self-reflection loss."})
     cl_repr: str = field(default="last", metadata={"help": "Sequence representation: last (last token) or pool (mean)."})
     cl_anchor: str = field(default="detached", metadata={"help": "detached: the anchor is re-read on the no-grad prompt, as the original; "
                                                                  "full: read from the LM forward (cheaper; its triplet gradient also reaches the prompt)."})
@@ -118,32 +146,31 @@ class TrainArguments(ModelArguments):
                                                                    "where the task has one (embedded tasks, or --valid_size N), else test as the original (with a note)."})
     eval_limit: int | None = field(default=None, metadata={"help": "Evaluate only the first N items."})
     save_best: int = field(default=0, metadata={"help": "K > 0: keep only the K most accurate epoch checkpoints (needs --do_eval); 0: keep all."})
+    save_strategy: str = field(default="epoch", metadata={"help": "When to write checkpoint-<step>/: epoch, steps (with --save_steps) or no."})
+    save_steps: float = field(default=500, metadata={"help": "With --save_strategy steps: every N steps."})
     output_dir: str | None = field(default=None, metadata={"help": "Default: checkpoints/student_train/<task>[_<note>]."})
     resume: bool = field(default=False, metadata={"help": "Continue from the last checkpoint in --output_dir."})
     logging_steps: int = field(default=10, metadata={"help": "Log every N steps (TensorBoard under <output_dir>/runs)."})
     wandb: bool = field(default=False, metadata={"help": "Also log to Weights & Biases."})
     note: str = field(default="", metadata={"help": "Free text; names the default output folder."})
 
-    def __post_init__(self):
+    def __post_init__(self):  # loss settings are checked by losses.LossConfig, where they are used
         if self.contrastive and not (self.cl_pos_path and self.cl_neg_path):
             raise UserError("--contrastive yes needs both --cl_pos_path and --cl_neg_path")
-        if self.mle not in ("weight", "hf", "nograd", "no"):
-            raise UserError(f"--mle must be one of weight, hf, nograd, no; got {self.mle!r}")
-        if self.cl_repr not in ("last", "pool"):
-            raise UserError(f"--cl_repr must be last or pool, got {self.cl_repr!r}")
-        if self.cl_anchor not in ("detached", "full"):
-            raise UserError(f"--cl_anchor must be detached or full, got {self.cl_anchor!r}")
         if self.cl_neg_form not in ("gold", "own"):
             raise UserError(f"--cl_neg_form must be gold or own, got {self.cl_neg_form!r}")
         if self.save_best > 0 and not self.do_eval:
             raise UserError("--save_best K > 0 ranks checkpoints by accuracy: it needs --do_eval yes")
-        if self.train_bsz < 1 or self.grad_accum < 1:
+        if self.per_device_train_batch_size < 1 or self.gradient_accumulation_steps < 1:
             raise UserError("--train_bsz and --grad_accum must be at least 1")
 
 
 @dataclass
 class RoundsArguments:
-    """The round driver. Defaults run the embedded demo: wordmath, the offline teacher, a tiny student, CPU."""
+    """The round driver. Defaults run the embedded demo: wordmath, the offline teacher, a tiny student, CPU.
+
+    A field named like a field of a stage's arguments (InferArguments, ExamArguments, TeacherArguments,
+    TrainArguments) is passed to that stage under that name (rounds.RoundDriver.command)."""
     task: str = field(default="wordmath", metadata={"help": "Task (see tasks.py)."})
     data_dir: str = field(default="localdataset", metadata={"help": "Dataset root."})
     student: str = field(default="checkpoints/wordmath-student", metadata={"help": "Round-0 student (hub name or folder). The embedded one is built if missing."})
@@ -163,11 +190,11 @@ class RoundsArguments:
     exam_batch: int = field(default=32, metadata={"help": "Exam prompts per batch."})
     sample_num: int = field(default=4, metadata={"help": "Exam samples per question."})
     exam_max_new_tokens: int = field(default=160, metadata={"help": "Exam tokens per sample."})
-    epoch: float = field(default=1, metadata={"help": "Training epochs per round."})
+    num_train_epochs: float = field(default=1, metadata={"aliases": ["--epoch"], "help": "Training epochs per round."})
     max_steps: int = field(default=-1, metadata={"help": "Cap on training steps per round."})
-    train_bsz: int = field(default=16, metadata={"help": "Training batch size per process."})
-    lr: float = field(default=2e-4, metadata={"help": "Learning rate. 2e-4 was best on wordmath validation for the embedded "
-                                                    "student (of 2e-4, 5e-4, 1e-3); GPT-J-6B used 7e-6."})
+    per_device_train_batch_size: int = field(default=16, metadata={"aliases": ["--train_bsz"], "help": "Training batch size per process."})
+    learning_rate: float = field(default=2e-4, metadata={"aliases": ["--lr"], "help": "Learning rate. 2e-4 was best on wordmath validation "
+                                                                                     "for the embedded student (of 2e-4, 5e-4, 1e-3); GPT-J-6B used 7e-6."})
     warmup_steps: int = field(default=20, metadata={"help": "Warm-up steps."})
     arms: str = field(default="lm,reflect", metadata={"help": "Comma list of arms trained side by side: reflect (LM + self-reflection "
                                                                "triplet loss: the method), lm (LM loss only: the control). One arm halves the cost."})
@@ -176,7 +203,7 @@ class RoundsArguments:
                                                       "accuracy against the lm arm; 0.1 was the least harmful (experiments/RESULTS.md)."})
     cl_neg_form: str = field(default="gold", metadata={"help": "Negatives: gold (the original's: wrong reasoning + gold answer line) or own (its own answer line)."})
     cl_anchor: str = field(default="detached", metadata={"help": "Anchor: detached (re-read on the no-grad prompt, the original) or full (from the LM forward)."})
-    bf16: bool = field(default=False, metadata={"help": "Train in bf16."})
+    bf16: bool = field(default=False, metadata={"help": "bf16 weights in every stage (training, exam, evaluation)."})
     deepspeed: str | None = field(default=None, metadata={"help": "DeepSpeed config for training, e.g. ds_stage3_config.json."})
     eval_splits: str = field(default="validation,test", metadata={"help": "Splits evaluated after each round (choose settings on "
                                                                         "validation; test is for the reported number)."})

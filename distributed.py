@@ -94,3 +94,19 @@ def gather_to_main(obj):
 def barrier() -> None:
     if world_size() > 1 and torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+def script_main(arguments_class, run, relaunch: bool = False):
+    """Entry point of a model-running script: parse its flags, start its processes (`relaunch`: under
+    torchrun when --device names several ids), run; bad input ends in one `error:` line, exit 2."""
+    from args import device_list, parse
+    from common import cli_main
+
+    @cli_main
+    def main() -> None:
+        args = parse(arguments_class)
+        devices = device_list(args.device)
+        relaunch_if_needed(devices) if relaunch else start(devices)
+        run(args)
+
+    return main

@@ -10,8 +10,8 @@ import os
 from pathlib import Path
 
 import distributed
-from args import InferArguments, as_dict, device_list, parse
-from common import atomic_write_json, cli_main, redact, set_seed
+from args import InferArguments, as_dict
+from common import atomic_write_json, read_json, redact, set_seed
 from generation import SamplingConfig, evaluate, load_model, looks_local, torch_dtype
 from tasks import get_task, load_demos, load_split
 
@@ -59,12 +59,17 @@ def run(args: InferArguments) -> dict | None:
     return result
 
 
-@cli_main
-def main() -> None:
-    args = parse(InferArguments)
-    distributed.start(device_list(args.device))
-    run(args)
+def read_result(out: Path) -> dict | None:
+    """The newest Acc<acc>.json in `out` in brief (None if there is none): the round driver reads this."""
+    files = sorted(out.glob("Acc*.json"), key=lambda p: p.stat().st_mtime)
+    if not files:
+        return None
+    result = read_json(files[-1])
+    return {"acc": result["acc"], "strict_acc": result["strict_acc"], "correct": result["correct"],
+            "total": result["total"], "file": str(files[-1])}
 
+
+main = distributed.script_main(InferArguments, run)
 
 if __name__ == "__main__":
     main()

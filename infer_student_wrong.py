@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import distributed
-from args import ExamArguments, as_dict, device_list, parse
-from common import atomic_write_json, atomic_write_jsonl, cli_main, redact
+from args import ExamArguments, as_dict
+from common import atomic_write_json, atomic_write_jsonl, read_json, redact
 from generation import SamplingConfig, generate
 from infer import default_output_dir, setup
 from tasks import build_prompt, grade
@@ -60,12 +60,16 @@ def run(args: ExamArguments) -> dict | None:
     return summary
 
 
-@cli_main
-def main() -> None:
-    args = parse(ExamArguments)
-    distributed.start(device_list(args.device))
-    run(args)
+def read_summary(out: Path) -> dict | None:
+    """What a finished exam in `out` found (None if it has not finished): the round driver reads this."""
+    if not (out / "summary.json").is_file():
+        return None
+    summary = read_json(out / "summary.json")
+    return {"student_wrong": str(out / "student_wrong.json"), "accuracy": summary["accuracy"],
+            "questions_with_mistakes": summary["questions_with_mistakes"], "negatives": summary["wrong_rationales"]}
 
+
+main = distributed.script_main(ExamArguments, run)
 
 if __name__ == "__main__":
     main()

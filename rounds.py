@@ -13,13 +13,17 @@ training from the round r-1 checkpoint (with earlier rounds' data too if --keep_
 """
 from __future__ import annotations
 
-import glob
 import shlex
 import subprocess
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
+import infer
+import infer_student_wrong
+import teacher
+from args import ExamArguments, InferArguments, TeacherArguments, TrainArguments, to_argv
 from common import UserError, atomic_write_json, read_json
 
 
@@ -49,11 +53,6 @@ def merge_rationale_files(paths: list[str], out: Path) -> None:
     atomic_write_json(out, merged)
 
 
-def latest_accuracy_file(folder: Path) -> Path | None:
-    files = sorted(glob.glob(str(folder / "Acc*.json")), key=lambda p: Path(p).stat().st_mtime)
-    return Path(files[-1]) if files else None
-
-
 ARMS = {"reflect": True, "lm": False}  # arm -> trains with the self-reflection (triplet) loss
 
 
@@ -71,78 +70,56 @@ class RoundDriver:
         self.splits = args.eval_splits.split(",")
 
     # ------------------------------------------------------------ stages (each a command)
-    def common_flags(self) -> list[str]:
+    def command(self, script: str, cls, **values) -> list[str]:
+        """`script`'s command line: every driver setting the stage has under the same name, then `values`.
+        Built from the stage's own dataclass, so a renamed or invalid flag fails here, before any stage runs."""
+        names = {f.name for f in fields(cls)}
+        shared = {f.name: getattr(self.args, f.name) for f in fields(self.args) if f.name in names}
+        return [self.python, script, *to_argv(cls, **{**shared, **values})]
+
+    def eval_command(self, checkpoint: str, out: Path, split: str) -> list[str]:
+        return self.command("infer.py", InferArguments, rationale=True, test_on=split, checkpoint=checkpoint,
+                            batch=self.args.eval_batch, limit=self.args.eval_limit, output_dir=str(out))
+
+    def exam_command(self, checkpoint: str, out: Path) -> list[str]:
         a = self.args
-        flags = ["--task", a.task, "--data_dir", a.data_dir, "--valid_size", str(a.valid_size), "--device", a.device,
-                 "--seed", str(a.seed)]
-        return flags + (["--fewshot", "yes"] if a.fewshot else [])
+        return self.command("infer_student_wrong.py", ExamArguments, rationale=True, test_on="train",
+                            checkpoint=checkpoint, batch=a.exam_batch, max_new_tokens=a.exam_max_new_tokens,
+                            limit=a.exam_limit, output_dir=str(out))
+
+    def teacher_command(self, mode: str, out: Path, student_wrong: str | None) -> list[str]:
+        return self.command("query_teacher.py", TeacherArguments, mode=mode, test_on="train",
+                            num_samples=self.args.teacher_samples, student_wrong=student_wrong, output_dir=str(out))
+
+    def train_command(self, start_checkpoint: str, teacher_data: str, negatives: str, out: Path,
+                      contrastive: bool) -> list[str]:
+        return self.command("run_trainer.py", TrainArguments, checkpoint=start_checkpoint, teacher_data=teacher_data,
+                            weight_decay=0.01, contrastive=contrastive, cl_pos_path=teacher_data,
+                            cl_neg_path=negatives, merge_losses=True, output_dir=str(out), resume=True,
+                            logging_steps=20)
 
     def evaluate(self, checkpoint: str, out: Path, split: str) -> dict:
-        found = latest_accuracy_file(out)
-        if found is None:
-            argv = [self.python, "infer.py", *self.common_flags(), "--rationale", "--test_on", split,
-                    "--checkpoint", checkpoint, "--batch", str(self.args.eval_batch), "--output_dir", str(out)]
-            if self.args.eval_limit:
-                argv += ["--limit", str(self.args.eval_limit)]
-            run_command(argv, out / "log.txt")
-            found = latest_accuracy_file(out)
-        result = read_json(found)
-        return {"acc": result["acc"], "strict_acc": result["strict_acc"], "correct": result["correct"],
-                "total": result["total"], "file": str(found)}
+        if infer.read_result(out) is None:
+            run_command(self.eval_command(checkpoint, out, split), out / "log.txt")
+        return infer.read_result(out)
 
     def evaluate_all(self, checkpoint: str, folder: Path) -> dict:
         return {split: self.evaluate(checkpoint, folder / f"eval_{split}", split) for split in self.splits}
 
     def exam(self, checkpoint: str, out: Path) -> dict:
-        if not (out / "summary.json").is_file():
-            a = self.args
-            argv = [self.python, "infer_student_wrong.py", *self.common_flags(), "--rationale", "--test_on", "train",
-                    "--checkpoint", checkpoint, "--batch", str(a.exam_batch), "--sample_num", str(a.sample_num),
-                    "--max_new_tokens", str(a.exam_max_new_tokens), "--output_dir", str(out)]
-            if a.exam_limit:
-                argv += ["--limit", str(a.exam_limit)]
-            run_command(argv, out / "log.txt")
-        summary = read_json(out / "summary.json")
-        return {"student_wrong": str(out / "student_wrong.json"), "accuracy": summary["accuracy"],
-                "questions_with_mistakes": summary["questions_with_mistakes"],
-                "negatives": summary["wrong_rationales"]}
+        if infer_student_wrong.read_summary(out) is None:
+            run_command(self.exam_command(checkpoint, out), out / "log.txt")
+        return infer_student_wrong.read_summary(out)
 
     def teacher(self, mode: str, out: Path, student_wrong: str | None = None) -> dict:
-        if not (out / "summary.json").is_file() or not (out / "teacher_data.json").is_file():
-            a = self.args
-            argv = [self.python, "query_teacher.py", "--mode", mode, "--task", a.task, "--data_dir", a.data_dir,
-                    "--test_on", "train", "--valid_size", str(a.valid_size), "--backend", a.backend, "--teacher_model", a.teacher_model,
-                    "--num_samples", str(a.teacher_samples), "--output_dir", str(out), "--seed", str(a.seed)]
-            if a.base_url:
-                argv += ["--base_url", a.base_url]
-            if student_wrong:
-                argv += ["--student_wrong", student_wrong]
-            if a.max_cost:
-                argv += ["--max_cost", str(a.max_cost)]
-            run_command(argv, out / "log.txt")
-        summary = read_json(out / "summary.json")
-        return {"teacher_data": str(out / "teacher_data.json"), "template_hash": summary.get("template_hash"),
-                "model": summary.get("model"), "kept": summary["samples"]["kept"],
-                "rejected": summary["samples"]["rejected"], "cost_usd": summary["cost_usd"]["all_requests"]}
+        if teacher.read_summary(out) is None:
+            run_command(self.teacher_command(mode, out, student_wrong), out / "log.txt")
+        return teacher.read_summary(out)
 
     def train(self, start_checkpoint: str, teacher_data: str, negatives: str, out: Path, contrastive: bool) -> str:
         final = out / "final"
         if not (final / "run_args.json").is_file():
-            a = self.args
-            argv = [self.python, "run_trainer.py", *self.common_flags(), "--checkpoint", start_checkpoint,
-                    "--teacher_data", teacher_data, "--epoch", str(a.epoch), "--train_bsz", str(a.train_bsz),
-                    "--lr", str(a.lr), "--warmup_steps", str(a.warmup_steps), "--weight_decay", "0.01",
-                    "--contrastive", "yes" if contrastive else "no", "--cl_pos_path", teacher_data,
-                    "--cl_neg_path", negatives, "--cl_ratio", str(a.cl_ratio), "--cl_p", str(a.cl_p),
-                    "--cl_neg_form", a.cl_neg_form, "--cl_anchor", a.cl_anchor, "--merge_losses", "yes",
-                    "--output_dir", str(out), "--resume", "yes", "--logging_steps", "20"]
-            if a.bf16:
-                argv += ["--bf16", "yes"]
-            if a.deepspeed:
-                argv += ["--deepspeed", a.deepspeed]
-            if a.max_steps > 0:
-                argv += ["--max_steps", str(a.max_steps)]
-            run_command(argv, out / "log.txt")
+            run_command(self.train_command(start_checkpoint, teacher_data, negatives, out, contrastive), out / "log.txt")
         return str(final)
 
     # ------------------------------------------------------------ rounds
@@ -164,20 +141,20 @@ class RoundDriver:
         earlier_seconds = read_json(folder / "manifest.json").get("seconds", 0) if (folder / "manifest.json").is_file() else 0
         if r == 1:  # the round-0 student's exam and the annotation of the train split serve every arm
             exam = self.exam(previous, self.workdir / "round1" / "exam")
-            teacher = self.teacher("annotate", self.workdir / "round1" / "teacher")
+            collected = self.teacher("annotate", self.workdir / "round1" / "teacher")
         else:
             exam = self.exam(previous, folder / "exam")
-            teacher = self.teacher("feedback", folder / "teacher", exam["student_wrong"])
-        teacher_data, negatives = teacher["teacher_data"], exam["student_wrong"]
+            collected = self.teacher("feedback", folder / "teacher", exam["student_wrong"])
+        teacher_data, negatives = collected["teacher_data"], exam["student_wrong"]
         if self.args.keep_previous_data and r > 1:  # the previous round's inputs already hold the ones before
             earlier = read_json(self.round_dir(arm, r - 1) / "manifest.json")["train_inputs"]
             teacher_data = str(folder / "train_teacher_data.json")
             negatives = str(folder / "train_negatives.json")
-            merge_rationale_files([earlier["teacher_data"], teacher["teacher_data"]], Path(teacher_data))
+            merge_rationale_files([earlier["teacher_data"], collected["teacher_data"]], Path(teacher_data))
             merge_rationale_files([earlier["negatives"], exam["student_wrong"]], Path(negatives))
         checkpoint = self.train(previous, teacher_data, negatives, folder / "train", ARMS[arm])
         evaluation = self.evaluate_all(checkpoint, folder)
-        manifest.update(exam=exam, teacher=teacher, train_inputs={"teacher_data": teacher_data, "negatives": negatives},
+        manifest.update(exam=exam, teacher=collected, train_inputs={"teacher_data": teacher_data, "negatives": negatives},
                         checkpoint=checkpoint, eval=evaluation,
                         seconds=round(earlier_seconds + time.time() - started, 1))
         atomic_write_json(folder / "manifest.json", manifest)

@@ -9,17 +9,11 @@ and `accelerate launch` work too. Two CPU processes: `--device 0,1` on a machine
 from __future__ import annotations
 
 import distributed
-from args import TrainArguments, device_list, parse
-from common import cli_main
+from args import TrainArguments
 from trainer import run_training
 
 
-@cli_main
-def main() -> None:
-    args = parse(TrainArguments)
-    distributed.relaunch_if_needed(device_list(args.device))
-    run_training(args)
-
+main = distributed.script_main(TrainArguments, run_training, relaunch=True)
 
 if __name__ == "__main__":
     main()

@@ -169,6 +169,16 @@ def run_collection(args) -> dict:
     return summary
 
 
+def read_summary(out: Path) -> dict | None:
+    """What a finished collection in `out` kept (None if it has not finished): the round driver reads this."""
+    if not (out / "summary.json").is_file() or not (out / "teacher_data.json").is_file():
+        return None
+    summary = read_json(out / "summary.json")
+    return {"teacher_data": str(out / "teacher_data.json"), "template_hash": summary.get("template_hash"),
+            "model": summary.get("model"), "kept": summary["samples"]["kept"],
+            "rejected": summary["samples"]["rejected"], "cost_usd": summary["cost_usd"]["all_requests"]}
+
+
 async def _collect(collector: Collector, pending: list[Request], records: dict, n: int) -> None:
     from tqdm import tqdm
     with tqdm(total=len(pending), desc="teacher", unit="req", file=sys.stderr, dynamic_ncols=True) as bar:

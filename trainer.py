@@ -8,7 +8,7 @@ import math
 import random
 import shutil
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
@@ -170,19 +170,21 @@ def default_output_dir(args) -> str:
     return str(Path("checkpoints") / "student_train" / (args.task + (f"_{args.note}" if args.note else "")))
 
 
+# Fields of TrainArguments that mean something else here: precision is decided by `precision()`, the
+# output folder has our default, evaluation is our own accuracy by generation, the rank comes from the launcher.
+NOT_PASSED_TO_TRAINER = {"fp16", "bf16", "output_dir", "do_eval", "local_rank"}
+
+
 def training_arguments(args, output_dir: str, bf16: bool, fp16: bool) -> TrainingArguments:
+    """TrainingArguments from every TrainArguments field of the same name, plus what this repo fixes."""
+    shared = {f.name for f in fields(TrainingArguments)} & {f.name for f in fields(args)} - NOT_PASSED_TO_TRAINER
     cpu = not torch.cuda.is_available()
     return TrainingArguments(
-        output_dir=output_dir, num_train_epochs=args.epoch, max_steps=args.max_steps,
-        per_device_train_batch_size=args.train_bsz, per_device_eval_batch_size=args.eval_bsz,
-        gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr, weight_decay=args.weight_decay,
-        warmup_steps=args.warmup_steps, lr_scheduler_type="constant_with_warmup", max_grad_norm=1.0,
-        bf16=bf16, fp16=fp16, deepspeed=args.deepspeed, use_cpu=cpu,
-        ddp_backend="gloo" if cpu and distributed.world_size() > 1 else None,
-        eval_strategy="epoch" if args.do_eval else "no", save_strategy="epoch",
-        logging_steps=args.logging_steps, logging_first_step=True,
+        **{name: getattr(args, name) for name in shared}, output_dir=output_dir, bf16=bf16, fp16=fp16,
+        use_cpu=cpu, ddp_backend="gloo" if cpu and distributed.world_size() > 1 else None,
+        eval_strategy="epoch" if args.do_eval else "no", logging_first_step=True,
         report_to=["tensorboard"] + (["wandb"] if args.wandb else []),
-        seed=args.seed, remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=False)
+        remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=False)
 
 
 def precision(args) -> tuple[bool, bool]:
@@ -207,6 +209,7 @@ def keep_one_rationale_per_question(data, seed: int) -> None:
 def run_training(args) -> dict:
     """Build data, model and trainer from TrainArguments, train, save `<output_dir>/final`; returns a summary."""
     started = time.time()
+    loss_cfg = LossConfig.from_args(args)  # checks the loss flags before anything is loaded
     if args.deepspeed:
         if not Path(args.deepspeed).is_file():
             raise UserError(f"--deepspeed: config {args.deepspeed} not found")
@@ -215,7 +218,6 @@ def run_training(args) -> dict:
 
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     set_seed(args.seed)
-    loss_cfg = LossConfig.from_args(args)
     task = get_task(args.task)
     output_dir = args.output_dir or default_output_dir(args)
     model_path = args.model_path
@@ -249,7 +251,8 @@ def run_training(args) -> dict:
         eval_setup = dict(task=task, examples=load_split(task.name, eval_split, args.data_dir, args.eval_limit,
                                                          args.valid_size),
                           demos=demos, rationale=rationale,
-                          sampling=SamplingConfig(max_new_tokens=task.max_new_tokens, batch_size=args.eval_bsz))
+                          sampling=SamplingConfig(max_new_tokens=task.max_new_tokens,
+                                                  batch_size=args.per_device_eval_batch_size))
 
     bf16, fp16 = precision(args)
     training_args = training_arguments(args, output_dir, bf16, fp16)  # before the model: ZeRO-3 partitions at load

@@ -98,3 +98,32 @@ def test_rounds_with_the_openai_backend_against_a_local_server(tiny_student, dat
     written = [p for p in workdir.rglob("*") if p.is_file() and p.suffix in (".json", ".jsonl", ".txt")]
     assert written and not any(secret in p.read_text(errors="ignore") for p in written)
     assert secret not in result.stdout + result.stderr
+
+
+def test_stage_commands_parse_back_into_each_scripts_arguments(tmp_path):
+    """The driver writes each stage's command from that script's own dataclass: every value it means
+    to pass arrives, under the original's short flags, and a wrong name fails before anything runs."""
+    import pytest
+
+    from args import ExamArguments, InferArguments, RoundsArguments, TeacherArguments, TrainArguments, parse
+    from rounds import RoundDriver
+
+    driver = RoundDriver(parse(RoundsArguments, [
+        "--workdir", str(tmp_path), "--lr", "3e-4", "--train_bsz", "8", "--epoch", "2", "--fewshot", "yes",
+        "--cl_p", "0.3", "--deepspeed", "ds_stage3_config.json", "--valid_size", "7", "--seed", "5"]))
+    argv = driver.train_command("ck", "t.json", "n.json", tmp_path / "train", True)
+    assert argv[1] == "run_trainer.py" and "--lr" in argv and "--learning_rate" not in argv
+    train = parse(TrainArguments, argv[2:])
+    assert (train.learning_rate, train.per_device_train_batch_size, train.num_train_epochs, train.cl_p, train.fewshot,
+            train.deepspeed, train.contrastive, train.checkpoint, train.valid_size, train.seed, train.resume) == \
+        (3e-4, 8, 2, 0.3, True, "ds_stage3_config.json", True, "ck", 7, 5, True)
+    exam = parse(ExamArguments, driver.exam_command("ck", tmp_path / "exam")[2:])
+    assert (exam.sample_num, exam.limit, exam.max_new_tokens, exam.batch, exam.test_on, exam.rationale) == \
+        (4, 600, 160, 32, "train", True)
+    evaluation = parse(InferArguments, driver.eval_command("ck", tmp_path / "eval", "validation")[2:])
+    assert (evaluation.test_on, evaluation.batch, evaluation.limit, evaluation.valid_size) == ("validation", 64, None, 7)
+    teacher = parse(TeacherArguments, driver.teacher_command("feedback", tmp_path / "t", "w.json")[2:])
+    assert (teacher.mode, teacher.student_wrong, teacher.num_samples, teacher.backend, teacher.seed) == \
+        ("feedback", "w.json", 2, "offline", 5)
+    with pytest.raises(TypeError):
+        driver.command("run_trainer.py", TrainArguments, epoch=3)  # the old name of num_train_epochs

@@ -54,7 +54,7 @@ def five_pass_loss(model: torch.nn.Module, batch: dict, cfg: LossConfig) -> tupl
 
 @dataclass
 class FivePassCollator:
-    """Batch for `losses.five_pass_loss`, padded as the original did (no shared columns).
+    """Batch for `five_pass_loss`, padded as the original did (no shared columns).
 
         full_ids, full_mask, full_cont_mask  (B, T) prefix+continuation RIGHT-padded; cont marks the continuation
         prefix_ids, prefix_mask              (B, P) LEFT-padded prompt (as at inference)

@@ -210,11 +210,11 @@ def plot(result: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     student = result["student"]["eval"]
-    for arm, rows in result["arms"].items():
+    for color, (arm, rows) in enumerate(result["arms"].items()):
         rounds = [0] + [row["round"] for row in rows]
         for split, style in zip(result["splits"], ("-", "--", ":")):
             accs = [student[split]["acc"]] + [row["eval"][split]["acc"] for row in rows]
-            ax.plot(rounds, accs, marker="o", linestyle=style, label=f"{arm}, {split}")
+            ax.plot(rounds, accs, marker="o", linestyle=style, color=f"C{color}", label=f"{arm}, {split}")
     ax.set_xlabel("round")
     ax.set_ylabel("accuracy (flexible)")
     ax.set_xticks(range(0, max((len(r) for r in result["arms"].values()), default=0) + 1))

@@ -51,7 +51,7 @@ def test_two_rounds_end_to_end_then_resume_skips_everything(tiny_student, data_d
     table = result.stdout[result.stdout.index("round  arm"):]
     assert len([line for line in table.splitlines() if line.strip()[:1].isdigit()]) == 3
 
-    again = run_script(*driver_argv(tiny_student, data_dir, workdir), timeout=300)
+    again = run_script(*driver_argv(tiny_student, data_dir, workdir, "--arms", "reflect"), timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     assert not [line for line in again.stdout.splitlines() if line.startswith("$ ")]  # every stage skipped
     assert json.loads((workdir / "rounds.json").read_text()) == rows

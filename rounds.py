@@ -162,17 +162,19 @@ class RoundDriver:
 
     def run(self) -> dict:
         a = self.args
+        for r in range(1, a.start_round):  # before any work: a bad --start_round costs nothing
+            for arm in self.arms:
+                manifest = self.round_dir(arm, r) / "manifest.json"
+                if not manifest.is_file():
+                    raise UserError(f"--start_round {a.start_round}: round {r} of arm {arm} has no {manifest}; "
+                                    f"run it first")
         student = {"round": 0, "arm": "student", "eval": self.evaluate_all(a.student, self.workdir / "round0"),
                    "teacher": None, "exam": None}
         rows: dict[str, list[dict]] = {arm: [] for arm in self.arms}
         for r in range(1, a.rounds + 1):
             for arm in self.arms:
                 if r < a.start_round:
-                    manifest = self.round_dir(arm, r) / "manifest.json"
-                    if not manifest.is_file():
-                        raise UserError(f"--start_round {a.start_round}: round {r} of arm {arm} has no {manifest}; "
-                                        f"run it first")
-                    rows[arm].append(read_json(manifest))
+                    rows[arm].append(read_json(self.round_dir(arm, r) / "manifest.json"))
                     continue
                 print(f"\n===== round {r}, arm {arm} =====", flush=True)
                 rows[arm].append(self.run_round(arm, r))

@@ -59,12 +59,12 @@ def test_two_rounds_end_to_end_then_resume_skips_everything(tiny_student, data_d
 
 def test_two_arms_share_the_round_one_exam_and_teacher(tiny_student, data_dir, tmp_path):
     workdir = tmp_path / "runs"
-    result = run_script(*driver_argv(tiny_student, data_dir, workdir, "--rounds", "1", "--arms", "lm,reflect"),
-                        timeout=900)
+    result = run_script(*driver_argv(tiny_student, data_dir, workdir, "--rounds", "1", "--arms", "lm,reflect",
+                                     "--eval_splits", "validation"), timeout=900)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert stage_scripts(result.stdout) == ["infer.py", "infer.py", "infer_student_wrong.py", "query_teacher.py",
-                                            "run_trainer.py", "infer.py", "infer.py",   # lm
-                                            "run_trainer.py", "infer.py", "infer.py"]   # reflect: same data
+    assert stage_scripts(result.stdout) == ["infer.py", "infer_student_wrong.py", "query_teacher.py",
+                                            "run_trainer.py", "infer.py",   # lm
+                                            "run_trainer.py", "infer.py"]   # reflect: same data
     trains = [line for line in result.stdout.splitlines() if line.startswith("$ ") and "run_trainer.py" in line]
     assert "--contrastive no" in trains[0] and "--contrastive yes" in trains[1]
     lm, reflect = (json.loads((workdir / arm / "round1" / "manifest.json").read_text()) for arm in ("lm", "reflect"))
@@ -88,6 +88,7 @@ def test_rounds_with_the_openai_backend_against_a_local_server(tiny_student, dat
         server.inject("429", "500", "malformed")
         workdir = tmp_path / "runs"
         result = run_script(*driver_argv(tiny_student, data_dir, workdir, "--backend", "openai", "--arms", "reflect",
+                                         "--eval_splits", "test",
                                          "--base_url", server.url, "--teacher_model", "fake-teacher"),
                             env={"OPENAI_API_KEY": secret}, timeout=900)
         assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]

@@ -20,6 +20,7 @@ import re
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -88,9 +89,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+_PRINT = threading.Lock()  # runs start from several threads: one whole line each
+
+
 def run_logged(argv: list[str], log: Path, env: dict) -> None:
     log.parent.mkdir(parents=True, exist_ok=True)
-    print("$ " + " ".join(shlex.quote(a) for a in argv), flush=True)
+    with _PRINT:
+        sys.stdout.write("$ " + " ".join(shlex.quote(a) for a in argv) + "\n")
+        sys.stdout.flush()
     with open(log, "w") as sink:
         if subprocess.run(argv, stdout=sink, stderr=subprocess.STDOUT, env=env, cwd=ROOT).returncode != 0:
             raise SystemExit(f"error: run failed, see {log}")

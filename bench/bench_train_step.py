@@ -75,6 +75,9 @@ def parse_args() -> argparse.Namespace:
                    help="share of batch rows with a positive and a negative (the others are masked out)")
     p.add_argument("--mle", default="weight")
     p.add_argument("--cl_repr", default="last")
+    p.add_argument("--cl_anchor", default="full", choices=["full", "detached"],
+                   help="full: the anchor comes from the LM forward (the sharing this bench measures); "
+                        "detached: re-read on the prompt, the original's gradient and run_trainer.py's default")
     p.add_argument("--precision", default=None, choices=["fp32", "bf16", "autocast"],
                    help="fp32, pure bf16 weights, or bf16 autocast over fp32 weights "
                         "(default: fp32 on cpu, bf16 for --config 1.3b, autocast otherwise on cuda)")
@@ -256,7 +259,7 @@ def main() -> None:
     tokenizer, model = make_tokenizer_and_model(args, task_train)
     model.to(device, dtype=torch.bfloat16 if precision == "bf16" else torch.float32).train()
     ours_batch, five_batch, text_tokens = make_batches(args, tokenizer, device)
-    cfg = LossConfig(mle=args.mle, contrastive=True, cl_repr=args.cl_repr)
+    cfg = LossConfig(mle=args.mle, contrastive=True, cl_repr=args.cl_repr, cl_anchor=args.cl_anchor)
     autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "autocast" else nullcontext)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.01)
     steps = {"shared": make_step("shared", model, optimizer, ours_batch, cfg, autocast),

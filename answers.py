@@ -7,8 +7,9 @@ and offline stand-in (`teacher_*.py`), the negatives (`train_data.py`) and the w
 all take these shapes from here, so rewording one changes every writer and reader together.
 
 `KINDS` is the table of task kinds (like `tasks.TASKS` is the table of datasets): how a kind
-extracts a prediction (flexible or strict), compares it with gold, shows gold to the teacher,
-and makes a wrong answer for the offline teacher's error practice.
+extracts a prediction (flexible or strict), cleans a generation down to what records keep,
+compares it with gold, shows gold to the teacher, and makes a wrong answer for the offline
+teacher's error practice.
 """
 from __future__ import annotations
 
@@ -62,8 +63,20 @@ def format_number(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else f"{x:.4f}".rstrip("0").rstrip(".")
 
 
+def _number_spans(text: str) -> list[tuple[str, int]]:
+    """Each number read as `_numbers` reads it, with the index in `text` just after its last digit
+    (commas are skipped for reading, so the index is mapped back onto the text as written)."""
+    kept = [i for i, ch in enumerate(text) if ch != ","]
+    flat = "".join(text[i] for i in kept)
+    spans = []
+    for match in _NUMBER.finditer(flat):
+        value = match.group().rstrip(".")
+        spans.append((value, kept[match.start() + len(value) - 1] + 1))
+    return spans
+
+
 def _numbers(text: str) -> list[str]:
-    return [n.rstrip(".") for n in _NUMBER.findall(text.replace(",", ""))]
+    return [value for value, _ in _number_spans(text)]
 
 
 # ---------------------------------------------------------------- extraction, per kind
@@ -85,18 +98,24 @@ def extract_number(text: str, strict: bool = False) -> str | None:
 
 
 _CHOICE = re.compile(r"\(([a-eA-E])\)")
-_STRICT_CHOICE = re.compile(rf"{re.escape(FINAL_PREFIX.split(', ', 1)[1])}.*\(([a-eA-E])\)")  # "the answer is ... (c)"
+_STRICT_CHOICE = re.compile(rf"{re.escape(FINAL_PREFIX.split(', ', 1)[1])}.*?\(([a-eA-E])\)")  # "the answer is ... (c)"
+
+
+def _first_line(text: str) -> str:
+    return cut_at_blank_line(text.strip()).split("\n", 1)[0].strip()
 
 
 def extract_choice(text: str, strict: bool = False) -> str | None:
-    first_line = cut_at_blank_line(text).strip().split("\n", 1)[0]
+    """The first line only; its FIRST lettered choice is the answer (SPEC §3), a bare letter counts too.
+    strict: the first choice after "the answer is"."""
+    first_line = _first_line(text)
     if strict:
         match = _STRICT_CHOICE.search(first_line)
         return match.group(1).lower() if match else None
-    found = _CHOICE.findall(first_line)
-    if found:
-        return found[-1].lower()
-    bare = re.fullmatch(r"\(?([a-eA-E])\)?[.\s]*", first_line.strip())
+    match = _CHOICE.search(first_line)
+    if match:
+        return match.group(1).lower()
+    bare = re.fullmatch(r"\(?([a-eA-E])\)?[.\s]*", first_line)
     return bare.group(1).lower() if bare else None
 
 
@@ -112,6 +131,41 @@ def extract_yesno(text: str, strict: bool = False) -> str | None:
         return None
     found = _YESNO.findall(text)
     return found[-1].capitalize() if found else None
+
+
+# ---------------------------------------------------------------- cleaned text, per kind
+# What a record keeps of a generation (the Acc file's `generated`, the exam's wrong rationales): the
+# text up to the answer its extractor reads, so the trailing chatter after it is not kept as a negative.
+
+_NEXT_WORD = re.compile(r"\s*:?\s*\S*")  # the colon of an answer line goes with the word after it
+
+
+def _after_next_word(text: str, start: int) -> int:
+    return _NEXT_WORD.match(text, start).end()
+
+
+def clean_math(text: str) -> str:
+    """The first paragraph, cut just after the number `extract_number` reads, where it stands.
+    Without a number after the answer marker: the marker and the word after it."""
+    text = cut_at_blank_line(text.strip())
+    for marker in (ANSWER_MARKER, FINAL_PREFIX):
+        if marker in text:
+            start = text.index(marker) + len(marker)
+            after = _number_spans(text[start:])
+            return text[:start + after[0][1]] if after else text[:_after_next_word(text, start)]
+    spans = _number_spans(text)
+    return text[:spans[-1][1]] if spans else text
+
+
+def clean_yesno(text: str) -> str:
+    return cut_at_blank_line(text.strip())
+
+
+def clean_choice(text: str) -> str:
+    """The first line, cut one character after its first lettered choice (that keeps the full stop)."""
+    line = _first_line(text)
+    match = _CHOICE.search(line)
+    return line[:match.end() + 1].strip() if match else line
 
 
 def _same_number(prediction: str, gold: str) -> bool:
@@ -142,6 +196,7 @@ def _choice_gold(gold: str, choices: list[str] | None) -> str:
 class AnswerKind:
     name: str
     extract: Callable[[str, bool], str | None]          # (generated text, strict) -> prediction
+    clean: Callable[[str], str]                           # generated text -> the part a record keeps
     same: Callable[[str, str], bool]                      # (prediction, gold) -> right?
     has_answer_line: bool                                 # targets end with answer_line(gold)
     lists_choices: bool                                   # the prompt lists lettered choices
@@ -157,14 +212,14 @@ class AnswerKind:
 
 
 KINDS: dict[str, AnswerKind] = {k.name: k for k in [
-    AnswerKind("math", extract_number, _same_number, has_answer_line=True, lists_choices=False,
+    AnswerKind("math", extract_number, clean_math, _same_number, has_answer_line=True, lists_choices=False,
                teacher_shape=f'"{final_sentence("<number>")}" using the number only.',
                teacher_gold=lambda gold, choices: gold, wrong_answer=_wrong_number),
-    AnswerKind("yesno", extract_yesno, _same_text, has_answer_line=True, lists_choices=False,
+    AnswerKind("yesno", extract_yesno, clean_yesno, _same_text, has_answer_line=True, lists_choices=False,
                teacher_shape=f'"{final_sentence("yes")}" or "{final_sentence("no")}"',
                teacher_gold=lambda gold, choices: gold.lower(),
                wrong_answer=lambda gold, rng: "no" if gold.lower() == "yes" else "yes"),
-    AnswerKind("choice", extract_choice, _same_text, has_answer_line=False, lists_choices=True,
+    AnswerKind("choice", extract_choice, clean_choice, _same_text, has_answer_line=False, lists_choices=True,
                teacher_shape=f'"{final_sentence("<choice text> (<letter>)")}"',
                teacher_gold=_choice_gold, wrong_answer=lambda gold, rng: gold + "0"),
 ]}

@@ -40,6 +40,22 @@ def to_argv(cls, **values) -> list[str]:
     return argv
 
 
+def flags_of(f) -> list[str]:
+    return [f"--{f.name}", *f.metadata.get("aliases", [])]
+
+
+def differing_defaults(args, original: dict, argv: list[str]) -> list[str]:
+    """'--flag ours (original: theirs)' for every field in `original` left at our default (not on the
+    command line `argv`) where the original's default was different: printed so no one is surprised."""
+    given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    notes = []
+    for f in fields(args):
+        if f.name in original and not given & set(flags_of(f)) and getattr(args, f.name) != original[f.name]:
+            show = lambda v: ("yes" if v else "no") if isinstance(v, bool) else v  # noqa: E731
+            notes.append(f"{flags_of(f)[-1]} {show(getattr(args, f.name))} (original: {show(original[f.name])})")
+    return notes
+
+
 def device_list(device: str) -> list[str]:
     """'0,1,2' -> ['0','1','2']; 'cpu' or '' -> [] (one process, default device)."""
     if device.strip().lower() in ("", "cpu", "auto"):
@@ -73,6 +89,8 @@ class ModelArguments:
     fp16: bool = field(default=False, metadata={"help": "Load weights in float16 (GPU)."})
     bf16: bool = field(default=False, metadata={"help": "Load weights in bfloat16."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the hub (off by default)."})
+    allow_pickle: bool = field(default=False, metadata={"help": "Load a folder whose weights are a pickle (pytorch_model.bin, as the original "
+                                                               "saved them). Unpickling can run code from the file: only for files you trust."})
     local_rank: int = field(default=-1, metadata={"help": "Set by the `deepspeed` launcher; the rank is read from the environment."})
 
     @property
@@ -80,28 +98,62 @@ class ModelArguments:
         return self.checkpoint or self.load
 
 
+# The original's evaluation and exam defaults (its InferArgs): rationale prompts, float16 weights on a GPU.
+_RATIONALE_HELP = "Rationale mode (Reasoning: ... Answer: ...) instead of answer-only (default yes, as the original)."
+_FP16_HELP = ("Load weights in float16. Unset: float16 on a GPU, as the original; float32 on a CPU, bfloat16 with "
+              "--bf16 (a note says so).")
+_DECODE_EOS_HELP = "yes: no special token (eos, pad) may be the first generated token, as the original's default; no: any token."
+
+
 @dataclass
 class InferArguments(ModelArguments, DataArguments):
+    rationale: bool = field(default=True, metadata={"help": _RATIONALE_HELP})
+    fp16: bool | None = field(default=None, metadata={"nargs": "?", "const": True, "help": _FP16_HELP})
     test_on: str = field(default="test", metadata={"help": "Split to evaluate: test, train, validation."})
     batch: int = field(default=32, metadata={"help": "Generation batch size per process."})
     max_new_tokens: int | None = field(default=None, metadata={"help": "Default: the task's value (SPEC §6)."})
-    limit: int | None = field(default=None, metadata={"help": "Evaluate only the first N items."})
+    limit: int | None = field(default=None, metadata={"aliases": ["--sample_num"], "help": "Evaluate only the first N items "
+                                                                                          "(--sample_num: the original's name)."})
+    decode_eos_token: bool = field(default=True, metadata={"help": _DECODE_EOS_HELP})
+    hint: bool = field(default=False, metadata={"help": "STaR rationalisation: evaluate only the questions --hint_filter_path marks wrong, "
+                                                        "each prompt block with a line naming its answer. Needs --fewshot and --rationale."})
+    hint_filter_path: str | None = field(default=None, metadata={"help": "With --hint: an Acc*.json of an earlier infer.py run on the same split."})
     output_dir: str | None = field(default=None, metadata={"help": "Where Acc<acc>.json goes (default: the checkpoint folder/eval_<split>)."})
     note: str = field(default="", metadata={"help": "Free text stored in the output file."})
-    sample_num: int = field(default=1, metadata={"help": "Kept for compatibility: evaluation decodes greedily, one answer per item."})
+
+    def __post_init__(self):
+        if self.hint and not self.hint_filter_path:
+            raise UserError("--hint needs --hint_filter_path (an Acc*.json whose wrong questions get hints)")
+        if self.hint and not (self.fewshot and self.rationale):
+            raise UserError("--hint needs --fewshot and --rationale: the hints go into the few-shot rationale prompt")
+        if self.hint_filter_path and not self.hint:
+            raise UserError("--hint_filter_path is read only with --hint")
 
 
 @dataclass
 class ExamArguments(ModelArguments, DataArguments):
+    rationale: bool = field(default=True, metadata={"help": _RATIONALE_HELP})
+    fp16: bool | None = field(default=None, metadata={"nargs": "?", "const": True, "help": _FP16_HELP})
     test_on: str = field(default="train", metadata={"help": "Split the student sits the exam on."})
     batch: int = field(default=32, metadata={"help": "Prompts per generation batch per process (each sampled n times)."})
-    sample_num: int = field(default=4, metadata={"help": "Samples per question."})
+    num_return_sequences: int = field(default=4, metadata={"help": "Samples per question (the original's fixed 4)."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
     top_k: int = field(default=50, metadata={"help": "Top-k sampling."})
     max_new_tokens: int = field(default=128, metadata={"help": "New tokens per sample."})
-    limit: int | None = field(default=None, metadata={"help": "Only the first N questions."})
+    limit: int | None = field(default=None, metadata={"aliases": ["--sample_num"], "help": "Only the first N questions "
+                                                                                          "(--sample_num: the original's name)."})
+    decode_eos_token: bool = field(default=True, metadata={"help": _DECODE_EOS_HELP + " The original's exam ignored the flag "
+                                                                   "and sampled any token: no restores that."})
     output_dir: str | None = field(default=None, metadata={"help": "Default: <checkpoint>/exam_<split>_<note>."})
     note: str = field(default="", metadata={"help": "Free text, also names the default output folder."})
+
+    def __post_init__(self):
+        if self.num_return_sequences < 1:
+            raise UserError(f"--num_return_sequences must be at least 1, got {self.num_return_sequences}")
+
+
+# The original's defaults where ours differ on purpose (its README passes every one of them explicitly).
+ORIGINAL_TRAIN_DEFAULTS = {"merge_losses": False, "weight_decay": 0.1, "learning_rate": 1e-6, "per_device_eval_batch_size": 4}
 
 
 @dataclass
@@ -112,17 +164,24 @@ class TrainArguments(ModelArguments, DataArguments):
     (trainer.training_arguments); the original's short flags (--lr, --epoch, --train_bsz, ...) are
     aliases of those names."""
     teacher_data: str | None = field(default=None, metadata={"help": "Teacher rationales {question: [rationale, ...]}; without it: answer-only training on gold answers."})
-    teacher_data_random: bool = field(default=False, metadata={"help": "Train on one randomly chosen teacher rationale per question instead of all."})
+    teacher_data_random: str = field(default="1.0", metadata={"help": "P in [0, 1]: keep each teacher rationale with probability P (the original's; "
+                                                                     "1.0 keeps all), or 'one': one seeded pick per question (the others stay positives)."})
+    answer_filter: bool = field(default=False, metadata={"help": "Re-check answers in the files: drop teacher rationales and positives whose final "
+                                                               "answer is not gold, negatives whose answer is. Off: the files are used as given, as the original."})
+    train_on: str = field(default="train", metadata={"help": "Split to train on."})
+    test_on: str = field(default="test", metadata={"help": "Split --do_eval falls back to when the task has no validation split."})
     num_train_epochs: float = field(default=10, metadata={"aliases": ["--epoch"], "help": "Training epochs."})
     max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimizer steps (overrides --epoch when > 0)."})
     per_device_train_batch_size: int = field(default=2, metadata={"aliases": ["--train_bsz"], "help": "Training batch size per process."})
     per_device_eval_batch_size: int = field(default=16, metadata={"aliases": ["--eval_bsz"], "help": "Generation batch size of the per-epoch evaluation."})
     gradient_accumulation_steps: int = field(default=1, metadata={"aliases": ["--grad_accum"], "help": "Gradient accumulation steps."})
     learning_rate: float = field(default=7e-6, metadata={"aliases": ["--lr"], "help": "Peak learning rate."})
-    lr_scheduler_type: str = field(default="constant_with_warmup", metadata={"help": "Learning-rate schedule (a transformers scheduler name)."})
+    lr_scheduler_type: str = field(default="warmup_log", metadata={"help": "warmup_log: the original's (DeepSpeed WarmupLR's default: from 0 to the "
+                                                                           "peak as log(step+1)/log(warmup_steps), then constant); or a transformers "
+                                                                           "scheduler name, e.g. constant_with_warmup (linear warm-up)."})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
-    warmup_steps: int = field(default=100, metadata={"help": "Linear warm-up steps."})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0: no clipping)."})
+    warmup_steps: int = field(default=100, metadata={"help": "Warm-up steps."})
+    max_grad_norm: float = field(default=0.0, metadata={"help": "Gradient clipping norm; 0: no clipping, as the original's DeepSpeed config."})
     max_length: int = field(default=1024, metadata={"help": "Longest training sequence in tokens (prompt truncated from the left)."})
     deepspeed: str | None = field(default=None, metadata={"help": "DeepSpeed config, e.g. ds_stage3_config.json (ZeRO-3)."})
     contrastive: bool = field(default=False, metadata={"help": "Add the self-reflection triplet loss."})
@@ -134,22 +193,32 @@ class TrainArguments(ModelArguments, DataArguments):
     cl_p: float = field(default=1.0, metadata={"help": "Triplet margin."})
     cl_ratio: float = field(default=0.5, metadata={"help": "Weight of the self-reflection loss."})
     cl_repr: str = field(default="last", metadata={"help": "Sequence representation: last (last token) or pool (mean)."})
+    cl_clip: bool = field(default=False, metadata={"help": "Zero the self-reflection loss of a step when it is below the LM loss or below 0.01 (the original's flag)."})
     cl_anchor: str = field(default="detached", metadata={"help": "detached: the anchor is re-read on the no-grad prompt, as the original; "
                                                                  "full: read from the LM forward (cheaper; its triplet gradient also reaches the prompt)."})
-    cl_neg_form: str = field(default="gold", metadata={"help": "Negative continuations: gold = the student's wrong reasoning + the GOLD "
-                                                               "answer line, as the original built them; own = its reasoning with its own wrong answer line."})
+    cl_neg_form: str = field(default="original", metadata={"help": "Negative continuations: original = the student's whole wrong text, its answer "
+                                                                   "line folded in, + the GOLD answer line (the original's preprocessing); gold = its "
+                                                                   "reasoning + the gold answer line; own = its reasoning + its own answer line."})
     merge_losses: bool = field(default=True, metadata={"help": "One backward pass on LM + triplet loss (no: two passes, lower peak memory)."})
     mle: str = field(default="weight", metadata={"help": "LM loss: weight (prompt tokens x mle_w), hf (plain mean), nograd (continuation only), no."})
     mle_w: float = field(default=0.1, metadata={"help": "Weight of prompt tokens in --mle weight."})
     do_eval: bool = field(default=False, metadata={"help": "Accuracy by generation after every epoch."})
-    eval_split: str | None = field(default=None, metadata={"help": "Split evaluated by --do_eval and ranked by --save_best. Default: validation "
+    do_first_eval: bool = field(default=False, metadata={"help": "With --do_eval: also evaluate the starting model before the first step."})
+    eval_split: str | None = field(default=None, metadata={"aliases": ["--valid_on"], "help": "Split evaluated by --do_eval and ranked by --save_best. Default: validation "
                                                                    "where the task has one (embedded tasks, or --valid_size N), else test as the original (with a note)."})
     eval_limit: int | None = field(default=None, metadata={"help": "Evaluate only the first N items."})
     save_best: int = field(default=0, metadata={"help": "K > 0: keep only the K most accurate epoch checkpoints (needs --do_eval); 0: keep all."})
     save_strategy: str = field(default="epoch", metadata={"help": "When to write checkpoint-<step>/: epoch, steps (with --save_steps) or no."})
     save_steps: float = field(default=500, metadata={"help": "With --save_strategy steps: every N steps."})
     output_dir: str | None = field(default=None, metadata={"help": "Default: checkpoints/student_train/<task>[_<note>]."})
-    resume: bool = field(default=False, metadata={"help": "Continue from the last checkpoint in --output_dir."})
+    resume: str = field(default="no", metadata={"help": "yes: continue from the last checkpoint in --output_dir; PATH: from that checkpoint "
+                                                        "folder (its parent becomes --output_dir, as the original); no."})
+    debug: bool = field(default=False, metadata={"help": "A quick run, as the original's: 97 train questions, 33 evaluation items, a log line every step."})
+    world_size: int = field(default=0, metadata={"help": "Several machines: processes in all (0: those of --device). With --rank_offset, "
+                                                         "--master_addr and --master_port this becomes a torchrun multi-node launch."})
+    rank_offset: int = field(default=0, metadata={"help": "Several machines: global rank of this machine's first process."})
+    master_addr: str = field(default="127.0.0.1", metadata={"help": "Several machines: address of the machine holding rank 0."})
+    master_port: int | None = field(default=None, metadata={"help": "Rendezvous port (default: a free one; required across machines)."})
     logging_steps: int = field(default=10, metadata={"help": "Log every N steps (TensorBoard under <output_dir>/runs)."})
     wandb: bool = field(default=False, metadata={"help": "Also log to Weights & Biases."})
     note: str = field(default="", metadata={"help": "Free text; names the default output folder."})
@@ -157,12 +226,32 @@ class TrainArguments(ModelArguments, DataArguments):
     def __post_init__(self):  # loss settings are checked by losses.LossConfig, where they are used
         if self.contrastive and not (self.cl_pos_path and self.cl_neg_path):
             raise UserError("--contrastive yes needs both --cl_pos_path and --cl_neg_path")
-        if self.cl_neg_form not in ("gold", "own"):
-            raise UserError(f"--cl_neg_form must be gold or own, got {self.cl_neg_form!r}")
+        if self.cl_neg_form not in ("original", "gold", "own"):
+            raise UserError(f"--cl_neg_form must be original, gold or own, got {self.cl_neg_form!r}")
         if self.save_best > 0 and not self.do_eval:
             raise UserError("--save_best K > 0 ranks checkpoints by accuracy: it needs --do_eval yes")
         if self.per_device_train_batch_size < 1 or self.gradient_accumulation_steps < 1:
             raise UserError("--train_bsz and --grad_accum must be at least 1")
+        if self.teacher_data_random != "one":
+            try:
+                keep = float(self.teacher_data_random)
+            except ValueError:
+                keep = -1.0
+            if not 0.0 <= keep <= 1.0:
+                raise UserError(f"--teacher_data_random: expected a probability in [0, 1] or 'one', got {self.teacher_data_random!r}")
+        if self.do_first_eval and not self.do_eval:
+            raise UserError("--do_first_eval evaluates before training: it needs --do_eval yes")
+        if self.max_grad_norm < 0:
+            raise UserError(f"--max_grad_norm must be >= 0 (0: no clipping), got {self.max_grad_norm}")
+
+    @property
+    def resume_path(self) -> str | None:
+        """--resume PATH (a checkpoint folder), or None for yes/no."""
+        return None if self.resume.lower() in ("yes", "no", "true", "false", "1", "0", "") else self.resume
+
+    @property
+    def resume_requested(self) -> bool:
+        return self.resume_path is not None or self.resume.lower() in ("yes", "true", "1")
 
 
 @dataclass
@@ -188,7 +277,7 @@ class RoundsArguments:
     keep_previous_data: bool = field(default=True, metadata={"help": "Round r >= 2 also trains on the earlier rounds' teacher data and negatives."})
     exam_limit: int | None = field(default=600, metadata={"help": "Exam only the first N train questions (0: all). Round 1's annotation covers the whole split."})
     exam_batch: int = field(default=32, metadata={"help": "Exam prompts per batch."})
-    sample_num: int = field(default=4, metadata={"help": "Exam samples per question."})
+    num_return_sequences: int = field(default=4, metadata={"help": "Exam samples per question."})
     exam_max_new_tokens: int = field(default=160, metadata={"help": "Exam tokens per sample."})
     num_train_epochs: float = field(default=1, metadata={"aliases": ["--epoch"], "help": "Training epochs per round."})
     max_steps: int = field(default=-1, metadata={"help": "Cap on training steps per round."})
@@ -196,12 +285,17 @@ class RoundsArguments:
     learning_rate: float = field(default=2e-4, metadata={"aliases": ["--lr"], "help": "Learning rate. 2e-4 was best on wordmath validation "
                                                                                      "for the embedded student (of 2e-4, 5e-4, 1e-3); GPT-J-6B used 7e-6."})
     warmup_steps: int = field(default=20, metadata={"help": "Warm-up steps."})
+    lr_scheduler_type: str = field(default="constant_with_warmup", metadata={"help": "Schedule of every round (linear warm-up, then constant; "
+                                                                                   "run_trainer.py's default is the original's log warm-up, warmup_log)."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping of every round (run_trainer.py's default 0 is the original's: none)."})
     arms: str = field(default="lm,reflect", metadata={"help": "Comma list of arms trained side by side: reflect (LM + self-reflection "
                                                                "triplet loss: the method), lm (LM loss only: the control). One arm halves the cost."})
     cl_ratio: float = field(default=0.5, metadata={"help": "Weight of the triplet loss (arm reflect)."})
     cl_p: float = field(default=0.1, metadata={"help": "Triplet margin (arm reflect). The original's 1.0 cost 14 points of wordmath validation "
                                                       "accuracy against the lm arm; 0.1 was the least harmful (experiments/RESULTS.md)."})
-    cl_neg_form: str = field(default="gold", metadata={"help": "Negatives: gold (the original's: wrong reasoning + gold answer line) or own (its own answer line)."})
+    cl_neg_form: str = field(default="gold", metadata={"help": "Negatives (see run_trainer.py --help): gold (reasoning + gold answer line, "
+                                                               "the form the controlled runs measured), original, or own."})
+    cl_clip: bool = field(default=False, metadata={"help": "Zero the self-reflection loss of a step when it is below the LM loss or below 0.01 (the original's flag)."})
     cl_anchor: str = field(default="detached", metadata={"help": "Anchor: detached (re-read on the no-grad prompt, the original) or full (from the LM forward)."})
     bf16: bool = field(default=False, metadata={"help": "bf16 weights in every stage (training, exam, evaluation)."})
     deepspeed: str | None = field(default=None, metadata={"help": "DeepSpeed config for training, e.g. ds_stage3_config.json."})

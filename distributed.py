@@ -39,17 +39,38 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def relaunch_if_needed(devices: list[str]) -> None:
-    """With several device ids and no launcher around us, run this same command under torchrun and exit."""
-    if len(devices) <= 1 or "WORLD_SIZE" in os.environ:
+def torchrun_flags(local: int, world_size: int = 0, rank_offset: int = 0, master_addr: str = "127.0.0.1",
+                   master_port: int | None = None) -> list[str]:
+    """torchrun's flags for `local` processes here, from the original's multi-machine flags: a
+    --world_size above `local` means world_size / local machines, this one starting at global rank
+    --rank_offset (the original's meaning), meeting at --master_addr:--master_port."""
+    from common import UserError
+
+    world_size = world_size or local
+    if world_size < local or world_size % local or rank_offset % local or not 0 <= rank_offset < world_size:
+        raise UserError(f"--world_size {world_size} / --rank_offset {rank_offset}: expected a multiple of this machine's "
+                        f"{local} process(es) and an offset that is a multiple of {local} below it")
+    nodes = world_size // local
+    if nodes > 1 and master_port is None:
+        raise UserError("--world_size across machines needs --master_port (and --master_addr of the rank-0 machine)")
+    flags = ["--nproc_per_node", str(local), "--master_port", str(master_port or free_port())]
+    if nodes > 1:
+        flags += ["--nnodes", str(nodes), "--node_rank", str(rank_offset // local), "--master_addr", master_addr]
+    return flags
+
+
+def relaunch_if_needed(devices: list[str], **launch) -> None:
+    """With several processes to run and no launcher around us, run this same command under torchrun
+    and exit. `launch`: the multi-machine flags of torchrun_flags."""
+    local = max(1, len(devices))
+    if "WORLD_SIZE" in os.environ or (local == 1 and (launch.get("world_size") or 1) <= 1):
         if len(devices) == 1 and torch.cuda.is_available():
             os.environ.setdefault("CUDA_VISIBLE_DEVICES", devices[0])
         return
     env = dict(os.environ)
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and devices:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(len(devices)),
-               "--master_port", str(free_port()), sys.argv[0], *sys.argv[1:]]
+    command = [sys.executable, "-m", "torch.distributed.run", *torchrun_flags(local, **launch), sys.argv[0], *sys.argv[1:]]
     print("launching:", " ".join(command[1:]), flush=True)
     sys.exit(subprocess.call(command, env=env))
 
@@ -106,7 +127,12 @@ def script_main(arguments_class, run, relaunch: bool = False):
     def main() -> None:
         args = parse(arguments_class)
         devices = device_list(args.device)
-        relaunch_if_needed(devices) if relaunch else start(devices)
+        if relaunch:
+            launch = {name: getattr(args, name) for name in ("world_size", "rank_offset", "master_addr", "master_port")
+                      if hasattr(args, name)}
+            relaunch_if_needed(devices, **launch)
+        else:
+            start(devices)
         run(args)
 
     return main

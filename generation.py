@@ -35,27 +35,59 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_model(path: str, dtype: torch.dtype | None = None, trust_remote_code: bool = False, flag: str = "--load"):
-    """Model and tokenizer from a hub name or a local HF folder (safetensors weights only)."""
-    check_model_path(path, flag)
-    tokenizer = load_tokenizer(path, trust_remote_code)
-    model = load_weights(path, flag, dtype=dtype, trust_remote_code=trust_remote_code)
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.json", "tokenizer.model")
+
+
+def load_model(path: str, dtype: torch.dtype | None = None, trust_remote_code: bool = False, flag: str = "--load",
+               allow_pickle: bool = False, tokenizer_fallback: str | None = None):
+    """Model and tokenizer from a hub name or a local HF folder (safetensors; pickled weights only with
+    `allow_pickle`). The original saved checkpoints without a tokenizer: a folder without one takes
+    `tokenizer_fallback`'s (the base model, --load)."""
+    check_model_path(path, flag, allow_pickle)
+    tokenizer = load_tokenizer(tokenizer_source(path, tokenizer_fallback), trust_remote_code)
+    model = load_weights(path, flag, allow_pickle, dtype=dtype, trust_remote_code=trust_remote_code)
     model.eval()
     return model, tokenizer
 
 
-def check_model_path(path: str, flag: str) -> None:
-    """A local model folder must exist and hold safetensors weights (we never unpickle .bin files)."""
-    if looks_local(path) and not Path(path).is_dir():
+def tokenizer_source(path: str, fallback: str | None) -> str:
+    """`path`, or `fallback` (said once) when `path` is a folder without tokenizer files."""
+    if fallback and Path(path).is_dir() and not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
+        if distributed.is_main():
+            print(f"note: {path} holds no tokenizer; using the one of --load {fallback}")
+        return fallback
+    return path
+
+
+def _has_safetensors(folder: Path) -> bool:
+    return any(folder.glob("*.safetensors")) or any(folder.glob("*.safetensors.index.json"))
+
+
+def check_model_path(path: str, flag: str, allow_pickle: bool = False) -> None:
+    """A local model folder must exist and hold safetensors weights, or pickled ones (the original's
+    pytorch_model.bin) that the user has allowed."""
+    folder = Path(path)
+    if looks_local(path) and not folder.is_dir():
         raise UserError(f"{flag}: checkpoint folder {path} not found")
-    if Path(path).is_dir() and not any(Path(path).glob("*.safetensors")) and not any(Path(path).glob("*.safetensors.index.json")):
-        raise UserError(f"{flag}: {path} holds no *.safetensors weights (we do not unpickle .bin files)")
+    if not folder.is_dir() or _has_safetensors(folder):
+        return
+    pickles = sorted(p.name for p in folder.glob("*.bin") if p.name != "training_args.bin")
+    if not pickles:
+        raise UserError(f"{flag}: {path} holds no model weights (*.safetensors or pytorch_model.bin)")
+    if not allow_pickle:
+        raise UserError(f"{flag}: {path} holds a pickle file ({pickles[0]}), and unpickling can run code from the "
+                        f"file; if you trust it, --allow_pickle yes loads it")
 
 
-def load_weights(path: str, flag: str, **kwargs):
-    """AutoModelForCausalLM from safetensors; a load failure is one line naming the flag."""
+def load_weights(path: str, flag: str, allow_pickle: bool = False, **kwargs):
+    """AutoModelForCausalLM from safetensors (from a pickle only when allowed and the folder has no
+    safetensors); a load failure is one line naming the flag."""
+    folder = Path(path)
+    use_safetensors = True
+    if allow_pickle:
+        use_safetensors = None if not folder.is_dir() else _has_safetensors(folder)  # hub: safetensors first
     try:
-        return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(path, use_safetensors=use_safetensors, **kwargs)
     except (OSError, ValueError) as err:
         raise UserError(f"{flag}: cannot load {path} ({str(err).splitlines()[0]})") from None
 
@@ -80,6 +112,23 @@ class SamplingConfig:
     temperature: float = 1.0
     top_k: int = 50
     seed: int = 0
+    # no special token (eos, pad) as the first new token, as the original's --decode_eos_token yes
+    # (its default, also in its per-epoch evaluation): an answer never starts by ending
+    suppress_special_first: bool = True
+
+
+def generation_settings(tokenizer, cfg: SamplingConfig) -> dict:
+    """The keyword arguments `generate` gets (besides the tokenizer and ZeRO-3 sync): plain JSON values,
+    also written into the Acc file as `gen_config`."""
+    settings = dict(max_new_tokens=cfg.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id, stop_strings=[STOP], num_return_sequences=cfg.num_samples)
+    if cfg.suppress_special_first:
+        settings["begin_suppress_tokens"] = list(tokenizer.all_special_ids)
+    if cfg.do_sample:
+        settings.update(do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k)
+    else:  # the model's own generation_config may hold sampling values: greedy needs them unset
+        settings.update(do_sample=False, temperature=None, top_k=None, top_p=None)
+    return settings
 
 
 def plan_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
@@ -94,15 +143,9 @@ def _generate_batch(model, tokenizer, prompts: list[str], cfg: SamplingConfig, s
     # a prompt longer than the position table allows loses its oldest tokens (demos first), not the question
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", truncation=True,
                         max_length=max_positions(model.config) - cfg.max_new_tokens).to(model.device)
-    kwargs = dict(max_new_tokens=cfg.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                  eos_token_id=tokenizer.eos_token_id, stop_strings=[STOP], tokenizer=tokenizer,
-                  num_return_sequences=cfg.num_samples, synced_gpus=synced)
     if cfg.do_sample:
         torch.manual_seed(seed)
-        kwargs.update(do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k)
-    else:
-        kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
-    output = model.generate(**encoded, **kwargs)
+    output = model.generate(**encoded, **generation_settings(tokenizer, cfg), tokenizer=tokenizer, synced_gpus=synced)
     texts = tokenizer.batch_decode(output[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
     texts = [t.split(STOP, 1)[0] for t in texts]
     return [texts[i * cfg.num_samples:(i + 1) * cfg.num_samples] for i in range(len(prompts))]
@@ -145,9 +188,11 @@ def generate(model, tokenizer, prompts: list[str], cfg: SamplingConfig, desc: st
 
 
 def evaluate(model, tokenizer, task: TaskSpec, examples: list[Example], demos: str, rationale: bool,
-             cfg: SamplingConfig, desc: str = "eval", progress: bool = True, synced: bool = False) -> dict | None:
-    """Greedy accuracy (flexible and strict) with one record per item; None on ranks other than 0."""
-    prompts = [build_prompt(task, ex, demos, rationale) for ex in examples]
+             cfg: SamplingConfig, desc: str = "eval", progress: bool = True, synced: bool = False,
+             prompts: list[str] | None = None) -> dict | None:
+    """Greedy accuracy (flexible and strict) with one record per item; None on ranks other than 0.
+    `prompts`: one per example instead of `build_prompt`'s (e.g. with hints)."""
+    prompts = prompts or [build_prompt(task, ex, demos, rationale) for ex in examples]
     outputs = generate(model, tokenizer, prompts, cfg, desc=desc, progress=progress, synced=synced)
     if outputs is None:
         return None

@@ -2,18 +2,25 @@
 
     python infer.py --task gsm8k --test_on test --device 0,1,2,3,4,5,6,7 --fewshot --rationale \
         --checkpoint checkpoints/student_train/saved_ckpt_path
-Writes <output_dir>/Acc<acc>.json (args, correct, total, acc, strict_acc, one record per item).
+Writes <output_dir>/Acc<acc>.json in the original's layout (acc in percent; args, correct, total,
+results, gen_config) with our additions beside it (accuracy as a fraction, the strict score, the
+raw generation of each item).
+
+STaR rationalisation (`--hint --hint_filter_path Acc*.json --fewshot --rationale`): only the
+questions that file marks wrong, each prompt block with a line naming its answer.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+import torch
+
 import distributed
 from args import InferArguments, as_dict
-from common import atomic_write_json, read_json, redact, set_seed
-from generation import SamplingConfig, evaluate, load_model, looks_local, torch_dtype
-from tasks import get_task, load_demos, load_split
+from common import UserError, atomic_write_json, read_json, redact, set_seed
+from generation import SamplingConfig, evaluate, generation_settings, load_model, looks_local, torch_dtype
+from tasks import add_hints, build_prompt, get_task, load_demos, load_split
 
 
 def default_output_dir(args, stage: str) -> str:
@@ -30,42 +37,103 @@ def demos_for(args, task) -> str:
     return load_demos(task, args.rationale, args.fewshot_file, train, args.seed)
 
 
-def setup(args):
-    """Task, examples of --test_on, demos, and the model on this process's device."""
+def inference_dtype(args) -> torch.dtype | None:
+    """--fp16/--bf16 as given; with --fp16 unset, the original's float16 where it can serve (a GPU, no --bf16)."""
+    if args.fp16 is not None:
+        return torch_dtype(args.fp16, args.bf16)
+    reason = "with --bf16: bfloat16" if args.bf16 else "on CPU: float32" if distributed.device().type == "cpu" else None
+    if reason is None:
+        return torch.float16
+    if distributed.is_main():
+        print(f"note: --fp16 default ignored {reason}")
+    return torch_dtype(False, args.bf16)
+
+
+ORIGINAL_LOAD = "EleutherAI/gpt-j-6B"  # the original's default --load for evaluation and the exam
+
+
+def base_model(args) -> str:
+    """--load as given; left at our default (the embedded student) next to a --checkpoint, the
+    original's default (GPT-J-6B), whose tokenizer its checkpoints (saved without one) need. Ours
+    carry their tokenizer and never ask."""
+    return ORIGINAL_LOAD if args.load == InferArguments.load else args.load
+
+
+def setup(args, keep: set[str] | None = None):
+    """Task, examples of --test_on (only the questions in `keep` when given, before --limit), demos,
+    and the model on this process's device."""
     set_seed(args.seed)
     task = get_task(args.task)
-    examples = load_split(task.name, args.test_on, args.data_dir, args.limit, args.valid_size)
+    examples = load_split(task.name, args.test_on, args.data_dir, args.limit if keep is None else None, args.valid_size)
+    if keep is not None:
+        examples = [ex for ex in examples if ex.question in keep][:args.limit or None]
+        if not examples:
+            raise UserError(f"--hint_filter_path: none of its wrong questions is in split {args.test_on} of {task.name}")
     demos = demos_for(args, task)
-    model, tokenizer = load_model(args.model_path, torch_dtype(args.fp16, args.bf16), args.trust_remote_code,
-                                  flag="--checkpoint" if args.checkpoint else "--load")
+    model, tokenizer = load_model(args.model_path, inference_dtype(args), args.trust_remote_code,
+                                  flag="--checkpoint" if args.checkpoint else "--load", allow_pickle=args.allow_pickle,
+                                  tokenizer_fallback=base_model(args) if args.checkpoint else None)
     model.to(distributed.device())
     return task, examples, demos, model, tokenizer
 
 
+def wrong_questions(path: str) -> set[str]:
+    """The questions an Acc*.json marks wrong (its `results`, `correct` false): what --hint re-asks."""
+    if not Path(path).is_file():
+        raise UserError(f"--hint_filter_path: {path} not found")
+    try:
+        data = read_json(path)
+    except UserError as err:
+        raise UserError(f"--hint_filter_path: {err}") from None
+    results = data.get("results") if isinstance(data, dict) else None
+    if not isinstance(results, list) or not all(isinstance(r, dict) and "question" in r and "correct" in r for r in results):
+        raise UserError(f"--hint_filter_path: {path} is not an Acc*.json of infer.py "
+                        f"(needs a 'results' list of items with 'question' and 'correct')")
+    return {r["question"] for r in results if not r["correct"]}
+
+
+def acc_file(args, task, examples, result: dict, gen_config: dict) -> dict:
+    """The original's Acc file (acc in percent; per item question, answer, final_ans, the cleaned
+    generation, pred, correct), then ours: fractions, the strict score, the raw generation."""
+    results = [{"question": ex.question, "answer": ex.rationale or ex.gold, "final_ans": ex.gold,
+                "generated": task.answers.clean(record["generated"]), "pred": record["prediction"],
+                "correct": record["correct"], "strict_prediction": record["strict_prediction"],
+                "strict_correct": record["strict_correct"], "raw_generated": record["generated"]}
+               for ex, record in zip(examples, result["records"])]
+    return {"args": redact(as_dict(args)), "correct": result["correct"], "total": result["total"],
+            "acc": result["acc"] * 100, "results": results, "gen_config": gen_config,
+            "accuracy": result["acc"], "strict_accuracy": result["strict_acc"], "strict_correct": result["strict_correct"]}
+
+
 def run(args: InferArguments) -> dict | None:
-    """Evaluate and write Acc<acc>.json; returns the result on rank 0 (None elsewhere)."""
-    task, examples, demos, model, tokenizer = setup(args)
-    cfg = SamplingConfig(max_new_tokens=args.max_new_tokens or task.max_new_tokens, batch_size=args.batch)
-    result = evaluate(model, tokenizer, task, examples, demos, args.rationale, cfg, desc=f"eval {task.name}/{args.test_on}")
+    """Evaluate and write Acc<acc>.json; returns the file's content on rank 0 (None elsewhere)."""
+    keep = wrong_questions(args.hint_filter_path) if args.hint else None
+    task, examples, demos, model, tokenizer = setup(args, keep)
+    prompts = [build_prompt(task, ex, demos, args.rationale) for ex in examples]
+    if args.hint:
+        prompts = [add_hints(task, prompt, ex.gold) for prompt, ex in zip(prompts, examples)]
+    cfg = SamplingConfig(max_new_tokens=args.max_new_tokens or task.max_new_tokens, batch_size=args.batch,
+                         suppress_special_first=args.decode_eos_token)
+    result = evaluate(model, tokenizer, task, examples, demos, args.rationale, cfg,
+                      desc=f"eval {task.name}/{args.test_on}", prompts=prompts)
     if result is None:
         return None
-    output_dir = Path(args.output_dir or default_output_dir(args, "eval"))
-    result = {"args": redact(as_dict(args)), **result}
-    path = output_dir / f"Acc{result['acc']:.4f}.json"
-    atomic_write_json(path, result)
-    result["path"] = str(path)
+    output = acc_file(args, task, examples, result, generation_settings(tokenizer, cfg))
+    path = Path(args.output_dir or default_output_dir(args, "eval")) / f"Acc{output['acc']:.4f}.json"
+    atomic_write_json(path, output)
     print(f"{task.name}/{args.test_on}: accuracy {result['acc']:.4f} ({result['correct']}/{result['total']}), "
           f"strict {result['strict_acc']:.4f} ({result['strict_correct']}/{result['total']})  -> {path}")
-    return result
+    return {**output, "path": str(path)}
 
 
 def read_result(out: Path) -> dict | None:
-    """The newest Acc<acc>.json in `out` in brief (None if there is none): the round driver reads this."""
+    """The newest Acc<acc>.json in `out` in brief, accuracies as fractions (None if there is none):
+    the round driver reads this."""
     files = sorted(out.glob("Acc*.json"), key=lambda p: p.stat().st_mtime)
     if not files:
         return None
     result = read_json(files[-1])
-    return {"acc": result["acc"], "strict_acc": result["strict_acc"], "correct": result["correct"],
+    return {"acc": result["accuracy"], "strict_acc": result["strict_accuracy"], "correct": result["correct"],
             "total": result["total"], "file": str(files[-1])}
 
 

@@ -3,7 +3,8 @@
     python infer_student_wrong.py --task gsm8k --rationale --fewshot --batch 4 --test_on train \
         --note round1 --device 0,1,2,3,4,5,6,7 --checkpoint checkpoints/student_train/saved_ckpt_path
 Writes, in --output_dir: student_wrong.json ({question: [unique wrong rationale, ...]}, questions
-answered right in every sample absent), samples.jsonl (every sample) and summary.json.
+answered right in every sample absent; each rationale cleaned as the original did: cut just after the
+answer it gives), samples.jsonl (every sample, raw and cleaned) and summary.json.
 """
 from __future__ import annotations
 
@@ -13,49 +14,53 @@ from pathlib import Path
 import distributed
 from args import ExamArguments, as_dict
 from common import atomic_write_json, atomic_write_jsonl, read_json, redact
-from generation import SamplingConfig, generate
+from generation import SamplingConfig, generate, generation_settings
 from infer import default_output_dir, setup
 from tasks import build_prompt, grade
 
 
 def collect_mistakes(task, examples, outputs: list[list[str]], rationale: bool):
-    """Per-sample records, and {question: [unique wrong rationale]} in first-seen order."""
+    """Per-sample records, and {question: [unique wrong rationale, cleaned]} in first-seen order."""
     samples, wrong = [], {}
     for ex, texts in zip(examples, outputs):
         for k, text in enumerate(texts):
             graded = grade(task, text, ex.gold, rationale)
-            samples.append({"question": ex.question, "gold": ex.gold, "sample": k, "rationale": text, **graded})
-            if not graded["correct"] and text.strip():
+            cleaned = task.answers.clean(text)
+            samples.append({"question": ex.question, "gold": ex.gold, "sample": k, "rationale": text,
+                            "cleaned": cleaned, **graded})
+            if not graded["correct"] and cleaned:
                 bucket = wrong.setdefault(ex.question, [])
-                if text not in bucket:
-                    bucket.append(text)
+                if cleaned not in bucket:
+                    bucket.append(cleaned)
     return samples, wrong
 
 
 def run(args: ExamArguments) -> dict | None:
     started = time.time()
     task, examples, demos, model, tokenizer = setup(args)
+    n_samples = args.num_return_sequences
     cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch, do_sample=True,
-                         num_samples=args.sample_num, temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+                         num_samples=n_samples, temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+                         suppress_special_first=args.decode_eos_token)
     prompts = [build_prompt(task, ex, demos, args.rationale) for ex in examples]
     outputs = generate(model, tokenizer, prompts, cfg, desc=f"exam {task.name}/{args.test_on}")
     if outputs is None:
         return None
     samples, wrong = collect_mistakes(task, examples, outputs, args.rationale)
     n = len(examples)
-    per_question = [sum(s["correct"] for s in samples[i * args.sample_num:(i + 1) * args.sample_num]) for i in range(n)]
+    per_question = [sum(s["correct"] for s in samples[i * n_samples:(i + 1) * n_samples]) for i in range(n)]
     summary = {"args": redact(as_dict(args)), "questions": n, "samples": len(samples),
                "accuracy": sum(per_question) / max(1, len(samples)),
                "strict_accuracy": sum(s["strict_correct"] for s in samples) / max(1, len(samples)),
-               f"pass@{args.sample_num}": sum(c > 0 for c in per_question) / max(1, n),
+               f"pass@{n_samples}": sum(c > 0 for c in per_question) / max(1, n),
                "questions_with_mistakes": len(wrong), "wrong_rationales": sum(map(len, wrong.values())),
-               "seconds": round(time.time() - started, 1)}
+               "gen_config": generation_settings(tokenizer, cfg), "seconds": round(time.time() - started, 1)}
     out = Path(args.output_dir or default_output_dir(args, "exam"))
     atomic_write_jsonl(out / "samples.jsonl", samples)
     atomic_write_json(out / "student_wrong.json", wrong)
     atomic_write_json(out / "summary.json", summary)
-    print(f"exam {task.name}/{args.test_on}: {n} questions x {args.sample_num} samples, sample accuracy "
-          f"{summary['accuracy']:.4f}, pass@{args.sample_num} {summary[f'pass@{args.sample_num}']:.4f}, "
+    print(f"exam {task.name}/{args.test_on}: {n} questions x {n_samples} samples, sample accuracy "
+          f"{summary['accuracy']:.4f}, pass@{n_samples} {summary[f'pass@{n_samples}']:.4f}, "
           f"{summary['wrong_rationales']} wrong rationales on {len(wrong)} questions -> {out / 'student_wrong.json'}")
     return summary
 

@@ -35,6 +35,7 @@ class LossConfig:
     cl_p: float = 1.0            # triplet margin
     cl_repr: str = "last"        # last | pool
     cl_anchor: str = "detached"  # detached: anchor re-read on the no-grad prefix (original) | full: from the LM forward
+    cl_clip: bool = False        # zero the self-reflection loss when it is below the LM loss or 0.01 (clip_self_reflection)
 
     def __post_init__(self):
         choices = {"mle": MLE_MODES, "cl_repr": REPR_MODES, "cl_anchor": ANCHOR_MODES, "cl_loss": tuple(CONTRAST_LOSSES)}
@@ -42,6 +43,8 @@ class LossConfig:
             check_choice(name, getattr(self, name), allowed)
         if self.mle == "no" and not self.contrastive:
             raise UserError("--mle no trains only through the triplet loss: it needs --contrastive yes")
+        if self.cl_clip and self.mle == "no":
+            raise UserError("--cl_clip compares the self-reflection loss with the LM loss: it needs --mle weight, hf or nograd")
 
     @classmethod
     def from_args(cls, args) -> "LossConfig":
@@ -119,6 +122,13 @@ def triplet_loss(anchor: torch.Tensor, positive: torch.Tensor, negative: torch.T
     per_row = torch.nan_to_num(torch.relu(cos_n - cos_p + margin))
     row_mask = row_mask.to(per_row)
     return (per_row * row_mask).sum() / row_mask.sum().clamp(min=1)
+
+
+def clip_self_reflection(lm: torch.Tensor, cl: torch.Tensor, floor: float = 1e-2) -> torch.Tensor:
+    """--cl_clip (the original's): the self-reflection loss (already x cl_ratio) counts only while it
+    is at least the LM loss and at least `floor`; otherwise it is zeroed, gradient included."""
+    drop = (lm.detach() > cl.detach()) | (cl.detach() < floor)
+    return torch.where(drop, torch.zeros_like(cl), cl)
 
 
 @dataclass

@@ -95,7 +95,7 @@ class RoundDriver:
                       contrastive: bool) -> list[str]:
         return self.command("run_trainer.py", TrainArguments, checkpoint=start_checkpoint, teacher_data=teacher_data,
                             weight_decay=0.01, contrastive=contrastive, cl_pos_path=teacher_data,
-                            cl_neg_path=negatives, merge_losses=True, output_dir=str(out), resume=True,
+                            cl_neg_path=negatives, merge_losses=True, output_dir=str(out), resume="yes",
                             logging_steps=20)
 
     def evaluate(self, checkpoint: str, out: Path, split: str) -> dict:

@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicLayer
 
-from losses import CONTRAST_LOSSES, ContrastInputs, LossConfig, representation, token_logprobs, weighted_lm_loss
+from losses import (CONTRAST_LOSSES, ContrastInputs, LossConfig, clip_self_reflection, representation, token_logprobs,
+                    weighted_lm_loss)
 
 # ---------------------------------------------------------------- model plumbing
 
@@ -227,5 +228,7 @@ def compute_tailored_loss(model: torch.nn.Module, batch: dict, cfg: LossConfig) 
         inputs = _contrast_inputs(hidden, ids, mask, 3, cfg, batch["triplet_mask"],
                                   logits=out.logits if want_logprobs else None, first_logits=first_logits)
     cl = CONTRAST_LOSSES[cfg.cl_loss].fn(inputs, cfg) * cfg.cl_ratio
+    if cfg.cl_clip:
+        cl = clip_self_reflection(lm, cl)
     metrics = {"lm_loss": lm.detach(), "cl_loss": cl.detach(), "triplet_fraction": batch["triplet_mask"].float().mean()}
     return lm + cl, metrics

@@ -289,6 +289,32 @@ def _answer_only_block(task: TaskSpec, block: str) -> str:
     return f"{question}\nAnswer: {answer}"
 
 
+HINT = "Hint: The final answer should be {}."
+
+
+def add_hints(task: TaskSpec, prompt: str, gold: str) -> str:
+    """STaR's rationalisation prompt (`--hint`): every block of a `build_prompt` prompt gets a hint line
+    naming its answer: for math and yes/no before its "Reasoning:" line, the demo's own "Answer:" value
+    (the asked question: `gold`); for choices before its "Answer:" line, the demo's first "(x)" in that
+    line (the asked question: "(gold)")."""
+    choice = task.answers.lists_choices
+    anchor = "Answer:" if choice else "Reasoning:"
+    blocks = []
+    for block in prompt.split("\n\n"):
+        lines = block.split("\n")
+        at = max((i for i, line in enumerate(lines) if line.startswith(anchor)), default=None)
+        if at is None:
+            raise UserError(f"--hint: a prompt block has no line starting with {anchor!r}: {block[:80]!r}")
+        answers = [line[len("Answer:"):].strip() for line in lines if line.startswith("Answer:")]
+        if choice:
+            letters = re.findall(rf"\(([{CHOICE_LETTERS}])\)", answers[-1]) if answers else []
+            answer = f"({letters[0] if letters else gold})"
+        else:
+            answer = answers[-1] if answers else gold
+        blocks.append("\n".join(lines[:at] + [HINT.format(answer)] + lines[at:]))
+    return "\n\n".join(blocks)
+
+
 # ---------------------------------------------------------------- answer extraction
 
 def extract_answer(task: TaskSpec, generated: str, strict: bool = False, rationale: bool = True) -> str | None:

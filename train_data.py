@@ -52,21 +52,26 @@ def is_correct(task: TaskSpec, ex: Example, rationale: str) -> bool:
     return tasks.answers_match(task, tasks.extract_answer(task, rationale), ex.gold)
 
 
-NEG_FORMS = ("gold", "own")
+NEG_FORMS = ("original", "gold", "own")
 
 
-def wrong_continuation(task: TaskSpec, ex: Example, text: str, form: str = "gold") -> str:
+def wrong_continuation(task: TaskSpec, ex: Example, text: str, form: str = "original") -> str:
     """A student's wrong rationale (already known to be wrong) as a negative continuation.
 
-    gold: its reasoning, then the answer line with the GOLD answer, exactly as a teacher rationale
-          is turned into a target (the original's preprocessing of --cl_neg_path);
+    original: the whole text (cleaned: answers.KINDS), its own answer line folded in, then the answer line with
+          the GOLD answer: exactly what a teacher rationale with that text becomes (the original
+          passed --cl_neg_path through the teacher preprocessing), e.g. "... = 8. Answer: 8\nAnswer: 7 ";
+    gold: its reasoning with its own answer line replaced by the gold one ("... = 8.\nAnswer: 7 ");
     own:  its reasoning with its own (wrong) answer line kept, so the whole negative is the mistake.
-    Choice tasks have no separate answer line: both forms are the folded text."""
+    Choice tasks have no separate answer line: every form is the folded text."""
     if form not in NEG_FORMS:
         raise UserError(f"--cl_neg_form must be one of {', '.join(NEG_FORMS)}, got {form!r}")
+    text = cut_at_blank_line(text)
     if not task.answers.has_answer_line:
         return tasks.fold(text)
-    reasoning, marker, answer = cut_at_blank_line(text).partition(ANSWER_MARKER)
+    if form == "original":  # as the original's exam kept it: cut right after the answer it read
+        return tasks.continuation(task, ex, task.answers.clean(text))
+    reasoning, marker, answer = text.partition(ANSWER_MARKER)
     if form == "gold":
         return tasks.continuation(task, ex, reasoning)
     if not marker:
@@ -135,14 +140,15 @@ def _select(items: list, limit: int, seed: int, question: str) -> list:
 def build_train_data(task: TaskSpec, examples: list[Example], tokenizer, *, teacher_data: str | None = None,
                      demos: str = "", max_length: int = 1024, cl_pos_path: str | None = None,
                      cl_neg_path: str | None = None, cl_pos_num: int = 10, cl_neg_num: int = 4,
-                     seed: int = 42, cl_neg_form: str = "gold") -> TrainData:
+                     seed: int = 42, cl_neg_form: str = "original", answer_filter: bool = True) -> TrainData:
     """Rows for the train split plus per-question triplet candidates, and counts for the log.
 
     teacher_data None: answer-only rows from the dataset's gold. Otherwise one row per teacher
-    rationale whose final answer matches gold; train questions absent from the file are dropped.
-    Positives (`cl_pos_path`, same format, answer-filtered, de-duplicated, at most cl_pos_num) and
-    negatives (`cl_neg_path`, at most cl_neg_num, those whose answer is in fact right are dropped,
-    then shaped by `cl_neg_form`) are kept per question; the dataset picks one of each per row and epoch."""
+    rationale; train questions absent from the file are dropped. Positives (`cl_pos_path`, same
+    format, de-duplicated, at most cl_pos_num) and negatives (`cl_neg_path`, at most cl_neg_num,
+    shaped by `cl_neg_form`) are kept per question; the dataset picks one of each per row and epoch.
+    answer_filter: also drop teacher rationales and positives whose final answer is not gold, and
+    negatives whose answer is (the original trusted its files and checked none of them)."""
     counts: Counter = Counter(questions_in_split=len(examples))
     questions: list[str] = []
     rows: list[TrainRow] = []
@@ -172,7 +178,7 @@ def build_train_data(task: TaskSpec, examples: list[Example], tokenizer, *, teac
                 text = item_text(item)
                 if text is None:
                     counts["rationales_malformed"] += 1
-                elif not is_correct(task, ex, text):
+                elif answer_filter and not is_correct(task, ex, text):
                     counts["rationales_wrong_answer"] += 1
                 else:
                     kept.append(text)
@@ -194,13 +200,13 @@ def build_train_data(task: TaskSpec, examples: list[Example], tokenizer, *, teac
         if not (cl_pos_path and cl_neg_path):
             raise UserError("--contrastive needs both --cl_pos_path and --cl_neg_path")
         _add_triplet_candidates(result, task, by_question, prefixes, tokenizer, max_length,
-                                cl_pos_path, cl_neg_path, cl_pos_num, cl_neg_num, seed, cl_neg_form)
+                                cl_pos_path, cl_neg_path, cl_pos_num, cl_neg_num, seed, cl_neg_form, answer_filter)
     return result
 
 
 def _add_triplet_candidates(data: TrainData, task: TaskSpec, by_question: dict[str, Example], prefixes: list[str],
                             tokenizer, max_length: int, pos_path: str, neg_path: str, pos_num: int, neg_num: int,
-                            seed: int, neg_form: str) -> None:
+                            seed: int, neg_form: str, answer_filter: bool) -> None:
     pos_file = _by_question(read_rationale_file(pos_path, "--cl_pos_path"))
     neg_file = _by_question(read_rationale_file(neg_path, "--cl_neg_path"))
     counts = data.counts
@@ -213,7 +219,7 @@ def _add_triplet_candidates(data: TrainData, task: TaskSpec, by_question: dict[s
         good = []
         for item in pos_file.get(tasks.fold(question), []):
             text = item_text(item)
-            if text is not None and is_correct(task, ex, text):
+            if text is not None and (not answer_filter or is_correct(task, ex, text)):
                 good.append(tasks.continuation(task, ex, text))
             else:
                 counts["positives_dropped"] += 1
@@ -222,7 +228,7 @@ def _add_triplet_candidates(data: TrainData, task: TaskSpec, by_question: dict[s
         wrong = []
         for item in neg_file.get(tasks.fold(question), []):
             text = item_text(item)
-            if text is not None and text.strip() and not is_correct(task, ex, text):
+            if text is not None and text.strip() and not (answer_filter and is_correct(task, ex, text)):
                 wrong.append(wrong_continuation(task, ex, text, neg_form))  # shaped after the wrong-answer check
             else:
                 counts["negatives_dropped"] += 1  # malformed, empty, or actually right

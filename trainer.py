@@ -3,36 +3,44 @@ accuracy by generation at each epoch, best-K checkpoints, redacted configs besid
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
 import shutil
+import sys
 import time
 from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
+from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 from transformers import AutoConfig, Trainer, TrainerCallback, TrainingArguments
 
 import distributed
-from args import as_dict
-from common import UserError, atomic_write_json, redact, set_seed
+from args import ORIGINAL_TRAIN_DEFAULTS, as_dict, differing_defaults
+from common import UserError, atomic_write_json, read_json, redact, set_seed
 from generation import (SamplingConfig, check_model_path, evaluate, load_tokenizer, load_weights, max_positions,
-                        torch_dtype)
-from losses import LossConfig
+                        tokenizer_source, torch_dtype)
+from losses import LossConfig, clip_self_reflection
 from shared_step import compute_tailored_loss
 from tasks import get_task, has_validation, load_demos, load_split
 from train_data import TailoredCollator, TailoredDataset, UniqueQuestionBatchSampler, build_train_data
 
 METRICS = ("lm_loss", "cl_loss", "triplet_fraction")
+WARMUP_LOG = "warmup_log"  # --lr_scheduler_type of the original's DeepSpeed WarmupLR (warmup_log_factor)
 
 
 class TailoredTrainer(Trainer):
     """`eval_setup`: dict(task, examples, demos, rationale, sampling) for accuracy by generation."""
 
-    def __init__(self, *args, loss_cfg: LossConfig, merge_losses: bool = True, eval_setup: dict | None = None, **kwargs):
+    def __init__(self, *args, loss_cfg: LossConfig, merge_losses: bool = True, eval_setup: dict | None = None,
+                 lr_schedule: str = WARMUP_LOG, first_eval: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
+        self.lr_schedule = lr_schedule
+        if first_eval:
+            self.add_callback(FirstEvalCallback(self))
         self.model_accepts_loss_kwargs = False  # our loss is a mean per batch: let Trainer scale for accumulation
         self.add_callback(EpochSeedCallback(self))
         self._batch_sampler: UniqueQuestionBatchSampler | None = None
@@ -72,13 +80,29 @@ class TailoredTrainer(Trainer):
         inputs = self._prepare_inputs(inputs)
         scale = 1.0 / self.args.gradient_accumulation_steps
         total = torch.zeros(())
-        for cfg in (replace(self.loss_cfg, contrastive=False), replace(self.loss_cfg, mle="no")):
+        lm = None
+        for cfg in (replace(self.loss_cfg, contrastive=False), replace(self.loss_cfg, mle="no", cl_clip=False)):
             with self.compute_loss_context_manager():
                 loss, metrics = compute_tailored_loss(model, inputs, cfg)
+            if lm is None:
+                lm = loss.detach()
+            elif self.loss_cfg.cl_clip:  # the second pass is the self-reflection loss alone
+                loss = clip_self_reflection(lm, loss)
+                metrics["cl_loss"] = loss.detach()
             self._record(metrics)
             self.accelerator.backward(loss * scale)
             total = total + loss.detach().cpu() * scale
         return total
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """--lr_scheduler_type warmup_log: the original's schedule outside DeepSpeed too."""
+        if self.lr_schedule != WARMUP_LOG:
+            return super().create_scheduler(num_training_steps, optimizer)
+        if self.lr_scheduler is None:
+            warmup = self.args.get_warmup_steps(num_training_steps)
+            self.lr_scheduler = LambdaLR(optimizer or self.optimizer, functools.partial(warmup_log_factor, warmup_steps=warmup))
+            self._created_lr_scheduler = True
+        return self.lr_scheduler
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         if "loss" in logs:  # a training log: add the means of our parts since the last one
@@ -112,6 +136,32 @@ class TailoredTrainer(Trainer):
         return metrics
 
 
+def warmup_log_factor(step: int, warmup_steps: int) -> float:
+    """Learning-rate multiplier of optimizer step `step` (from 0) under DeepSpeed's WarmupLR with its
+    default log warm-up, the original's schedule. The engine steps that schedule after each optimizer
+    step, starting from its minimum (0): steps 0 and 1 run at 0, step s at log(s) / log(W) until it
+    reaches 1 at s = W. DeepSpeed counts at least W = 2 warm-up steps."""
+    if warmup_steps <= 0:
+        return 1.0
+    warmup_steps = max(2, warmup_steps)
+    iteration = step - 1  # the schedule's own counter when step `step` runs
+    if iteration < 0:
+        return 0.0
+    return math.log(iteration + 1) / math.log(warmup_steps) if iteration < warmup_steps else 1.0
+
+
+class FirstEvalCallback(TrainerCallback):
+    """--do_first_eval: accuracy of the starting model, before the first step (not on a resumed run).
+    At train begin rather than before `train()`, so a ZeRO-3 model is already inside its engine."""
+
+    def __init__(self, trainer: "TailoredTrainer"):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step == 0:
+            self.trainer.evaluate()
+
+
 class EpochSeedCallback(TrainerCallback):
     """Each epoch gets its own batches and positive/negative draws, the same on every rank. Done
     here because accelerate does not pass `set_epoch` through to a sharded custom batch sampler."""
@@ -130,7 +180,7 @@ class SaveExtrasCallback(TrainerCallback):
     """Beside each checkpoint: the run's arguments (secrets redacted) and DeepSpeed config; and
     with --save_best K > 0, only the K most accurate epochs (plus the latest, for --resume) stay."""
 
-    def __init__(self, run_args: dict, ds_config: str | None, save_best: int):
+    def __init__(self, run_args: dict, ds_config: dict | None, save_best: int):
         self.run_args = redact(run_args)
         self.ds_config = ds_config
         self.save_best = save_best
@@ -141,8 +191,8 @@ class SaveExtrasCallback(TrainerCallback):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if folder.is_dir():
             atomic_write_json(folder / "run_args.json", self.run_args)
-            if self.ds_config:
-                shutil.copyfile(self.ds_config, folder / "ds_config.json")
+            if self.ds_config:  # as used: after the flags were applied (deepspeed_config)
+                atomic_write_json(folder / "ds_config.json", self.ds_config)
         if self.save_best > 0:
             self._keep_best(Path(args.output_dir), state)
 
@@ -166,13 +216,29 @@ class SaveExtrasCallback(TrainerCallback):
 
 # ---------------------------------------------------------------- setup of a run
 
+DEBUG_TRAIN, DEBUG_EVAL = 97, 33  # --debug sizes, the original's
+
+
+def check_resume(args) -> str | None:
+    """--resume PATH: the checkpoint folder to continue from (checked here); None for yes/no."""
+    path = args.resume_path
+    if path is None:
+        return None
+    if not Path(path).is_dir():
+        raise UserError(f"--resume: {path} is not a folder (expected a checkpoint-<step> folder, or yes/no)")
+    if not (Path(path) / "trainer_state.json").is_file():
+        raise UserError(f"--resume: {path} has no trainer_state.json: not a complete training checkpoint")
+    return path
+
+
 def default_output_dir(args) -> str:
     return str(Path("checkpoints") / "student_train" / (args.task + (f"_{args.note}" if args.note else "")))
 
 
 # Fields of TrainArguments that mean something else here: precision is decided by `precision()`, the
 # output folder has our default, evaluation is our own accuracy by generation, the rank comes from the launcher.
-NOT_PASSED_TO_TRAINER = {"fp16", "bf16", "output_dir", "do_eval", "local_rank"}
+NOT_PASSED_TO_TRAINER = {"fp16", "bf16", "output_dir", "do_eval", "local_rank", "debug", "lr_scheduler_type", "deepspeed",
+                         "logging_steps"}
 
 
 def training_arguments(args, output_dir: str, bf16: bool, fp16: bool) -> TrainingArguments:
@@ -181,10 +247,28 @@ def training_arguments(args, output_dir: str, bf16: bool, fp16: bool) -> Trainin
     cpu = not torch.cuda.is_available()
     return TrainingArguments(
         **{name: getattr(args, name) for name in shared}, output_dir=output_dir, bf16=bf16, fp16=fp16,
+        lr_scheduler_type="constant" if args.lr_scheduler_type == WARMUP_LOG else args.lr_scheduler_type,  # see create_scheduler
+        deepspeed=deepspeed_config(args) if args.deepspeed else None,
+        logging_steps=1 if args.debug else args.logging_steps,
         use_cpu=cpu, ddp_backend="gloo" if cpu and distributed.world_size() > 1 else None,
         eval_strategy="epoch" if args.do_eval else "no", logging_first_step=True,
         report_to=["tensorboard"] + (["wandb"] if args.wandb else []),
         remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=False)
+
+
+def deepspeed_config(args) -> dict:
+    """The --deepspeed file, with the flags that would otherwise be silently ignored applied: a
+    --max_grad_norm > 0 becomes its `gradient_clipping` when the file has none (the shipped file has
+    none: the original did not clip), and a --lr_scheduler_type other than warmup_log replaces the
+    file's scheduler (the shipped file's WarmupLR is warmup_log)."""
+    config = read_json(args.deepspeed, "--deepspeed config")
+    if not isinstance(config, dict):
+        raise UserError(f"--deepspeed: {args.deepspeed}: expected a JSON object")
+    if args.max_grad_norm > 0 and "gradient_clipping" not in config:
+        config["gradient_clipping"] = args.max_grad_norm
+    if args.lr_scheduler_type != WARMUP_LOG:
+        config.pop("scheduler", None)
+    return config
 
 
 def precision(args) -> tuple[bool, bool]:
@@ -196,20 +280,31 @@ def precision(args) -> tuple[bool, bool]:
     return args.bf16, args.fp16
 
 
-def keep_one_rationale_per_question(data, seed: int) -> None:
-    """--teacher_data_random: one seeded pick per question; the others still serve as positives."""
-    by_question: dict[int, list] = {}
-    for row in data.rows:
-        by_question.setdefault(row.qid, []).append(row)
+def sample_teacher_rows(data, keep: str, seed: int) -> None:
+    """--teacher_data_random: P keeps each row with probability P (the original's); 'one' keeps one
+    seeded pick per question. Either way the dropped rationales still serve as positives."""
     rng = random.Random(seed)
-    data.rows = [rng.choice(rows) for _, rows in sorted(by_question.items())]
+    if keep == "one":
+        by_question: dict[int, list] = {}
+        for row in data.rows:
+            by_question.setdefault(row.qid, []).append(row)
+        data.rows = [rng.choice(rows) for _, rows in sorted(by_question.items())]
+    elif float(keep) < 1.0:
+        data.rows = [row for row in data.rows if rng.random() < float(keep)]
+    else:
+        return
     data.counts["rows_after_teacher_data_random"] = len(data.rows)
+    if not data.rows:
+        raise UserError(f"--teacher_data_random {keep} kept no training row")
 
 
 def run_training(args) -> dict:
     """Build data, model and trainer from TrainArguments, train, save `<output_dir>/final`; returns a summary."""
     started = time.time()
     loss_cfg = LossConfig.from_args(args)  # checks the loss flags before anything is loaded
+    changed = differing_defaults(args, ORIGINAL_TRAIN_DEFAULTS, sys.argv[1:])
+    if changed and distributed.is_main():
+        print("note: defaults that differ from the original's: " + ", ".join(changed))
     if args.deepspeed:
         if not Path(args.deepspeed).is_file():
             raise UserError(f"--deepspeed: config {args.deepspeed} not found")
@@ -219,36 +314,38 @@ def run_training(args) -> dict:
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     set_seed(args.seed)
     task = get_task(args.task)
-    output_dir = args.output_dir or default_output_dir(args)
+    resume_from = check_resume(args)
+    output_dir = args.output_dir or (str(Path(resume_from).parent) if resume_from else default_output_dir(args))
     model_path = args.model_path
     flag = "--checkpoint" if args.checkpoint else "--load"
-    check_model_path(model_path, flag)
+    check_model_path(model_path, flag, args.allow_pickle)
     for name in ("teacher_data", "cl_pos_path", "cl_neg_path"):
         path = getattr(args, name)
         if path and not Path(path).is_file():
             raise UserError(f"--{name}: {path} not found")
 
-    train = load_split(task.name, "train", args.data_dir, valid_size=args.valid_size)
+    train = load_split(task.name, args.train_on, args.data_dir, DEBUG_TRAIN if args.debug else None, args.valid_size)
     rationale = args.teacher_data is not None
     demos = load_demos(task, rationale, args.fewshot_file, train, args.seed) if args.fewshot else ""
-    tokenizer = load_tokenizer(model_path, args.trust_remote_code)
+    tokenizer = load_tokenizer(tokenizer_source(model_path, args.load if args.checkpoint else None), args.trust_remote_code)
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
     max_length = min(args.max_length, max_positions(config))
     data = build_train_data(task, train, tokenizer, teacher_data=args.teacher_data, demos=demos,
                             max_length=max_length, cl_pos_path=args.cl_pos_path if args.contrastive else None,
                             cl_neg_path=args.cl_neg_path if args.contrastive else None, cl_pos_num=args.cl_pos_num,
-                            cl_neg_num=args.cl_neg_num, seed=args.seed, cl_neg_form=args.cl_neg_form)
-    if args.teacher_data_random:
-        keep_one_rationale_per_question(data, args.seed)
+                            cl_neg_num=args.cl_neg_num, seed=args.seed, cl_neg_form=args.cl_neg_form,
+                            answer_filter=args.answer_filter)
+    sample_teacher_rows(data, args.teacher_data_random, args.seed)
     if distributed.is_main():
         print("training data: " + ", ".join(f"{k} {v}" for k, v in data.counts.items()))
     eval_setup = None
     if args.do_eval:
-        eval_split = args.eval_split or ("validation" if has_validation(task.name, args.valid_size) else "test")
-        if args.eval_split is None and eval_split == "test" and distributed.is_main():
+        eval_split = args.eval_split or ("validation" if has_validation(task.name, args.valid_size) else args.test_on)
+        if args.eval_split is None and eval_split == args.test_on and distributed.is_main():
             print(f"note: task {task.name} has no validation split (--valid_size 0): --do_eval and --save_best read "
-                  f"test, as the original did; pass --valid_size N to select on held-out train items instead")
-        eval_setup = dict(task=task, examples=load_split(task.name, eval_split, args.data_dir, args.eval_limit,
+                  f"{args.test_on}, as the original did; pass --valid_size N to select on held-out train items instead")
+        eval_limit = min(args.eval_limit or DEBUG_EVAL, DEBUG_EVAL) if args.debug else args.eval_limit
+        eval_setup = dict(task=task, examples=load_split(task.name, eval_split, args.data_dir, eval_limit,
                                                          args.valid_size),
                           demos=demos, rationale=rationale,
                           sampling=SamplingConfig(max_new_tokens=task.max_new_tokens,
@@ -256,7 +353,7 @@ def run_training(args) -> dict:
 
     bf16, fp16 = precision(args)
     training_args = training_arguments(args, output_dir, bf16, fp16)  # before the model: ZeRO-3 partitions at load
-    model = load_weights(model_path, flag, trust_remote_code=args.trust_remote_code)
+    model = load_weights(model_path, flag, args.allow_pickle, trust_remote_code=args.trust_remote_code)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
 
@@ -265,18 +362,19 @@ def run_training(args) -> dict:
         eval_dataset=eval_setup["examples"] if eval_setup else None,  # read by our evaluate()
         data_collator=TailoredCollator(tokenizer.pad_token_id, tokenizer.eos_token_id, contrastive=args.contrastive),
         processing_class=tokenizer, loss_cfg=loss_cfg, merge_losses=args.merge_losses, eval_setup=eval_setup,
-        callbacks=[SaveExtrasCallback(as_dict(args), args.deepspeed, args.save_best)])
-    resume = None
-    if args.resume:
+        lr_schedule=args.lr_scheduler_type, first_eval=args.do_first_eval,
+        callbacks=[SaveExtrasCallback(as_dict(args), training_args.deepspeed, args.save_best)])
+    resume = resume_from
+    if args.resume_requested and resume is None:
         # trainer_state.json is written last: a checkpoint without it was cut short by the interruption
         checkpoints = sorted((p for p in Path(output_dir).glob("checkpoint-*") if (p / "trainer_state.json").is_file()),
                              key=lambda p: int(p.name.split("-")[1]))
         if checkpoints:
             resume = str(checkpoints[-1])
-            if distributed.is_main():
-                print(f"resuming from {resume}")
         elif distributed.is_main():
             print(f"--resume: no checkpoint in {output_dir} yet; starting from the beginning")
+    if resume and distributed.is_main():
+        print(f"resuming from {resume}")
     result = trainer.train(resume_from_checkpoint=resume)
 
     final = Path(output_dir) / "final"

@@ -40,7 +40,7 @@ ARMS: dict[str, list[str]] = {
     "own-full": ["--cl_neg_form", "own", "--cl_anchor", "full"],  # what the demo ran before
     "gold-full": ["--cl_neg_form", "gold", "--cl_anchor", "full"],
     "own-detached": ["--cl_neg_form", "own", "--cl_anchor", "detached"],
-    "gold-detached": ["--cl_neg_form", "gold", "--cl_anchor", "detached"],  # the original's semantics
+    "gold-detached": ["--cl_neg_form", "gold", "--cl_anchor", "detached"],  # the original's anchor
     "own-full-r0.1": ["--cl_neg_form", "own", "--cl_anchor", "full", "--cl_ratio", "0.1"],
     "own-full-p0.2": ["--cl_neg_form", "own", "--cl_anchor", "full", "--cl_p", "0.2"],
     "own-full-pool": ["--cl_neg_form", "own", "--cl_anchor", "full", "--cl_repr", "pool"],
@@ -70,8 +70,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=1, help="Runs at once.")
     p.add_argument("--threads", type=int, default=0, help="torch threads per run (0: cores / jobs).")
     p.add_argument("--device", default="cpu", help="cpu, or a GPU id every run shares (e.g. 0).")
-    p.add_argument("--train_flags", default="--epoch 1 --train_bsz 16 --warmup_steps 20 --weight_decay 0.01",
-                   help="Flags shared by every arm (the demo's round settings).")
+    p.add_argument("--train_flags", default="--epoch 1 --train_bsz 16 --warmup_steps 20 --weight_decay 0.01 "
+                                            "--lr_scheduler_type constant_with_warmup --max_grad_norm 1.0",
+                   help="Flags shared by every arm (the demo's round settings, those of the recorded runs).")
     p.add_argument("--eval_batch", type=int, default=64)
     p.add_argument("--eval_limit", type=int, default=0, help="Evaluate only the first N items of each split (0: all).")
     p.add_argument("--bootstrap", type=int, default=2000, help="Bootstrap resamples for the intervals.")
@@ -125,16 +126,20 @@ def one_run(args, arm: str, lr: str, seed: int, env: dict) -> dict:
         out = folder / f"eval_{split}"
         found = sorted(out.glob("Acc*.json"))
         if not found:
+            # the settings these runs were measured with: float32, any first token (infer.py now
+            # defaults to the original's float16 on a GPU and suppression of special first tokens)
             argv = [sys.executable, "infer.py", "--task", args.task, "--data_dir", args.data_dir, *device,
-                    "--rationale", "--test_on", split, "--checkpoint", str(final), "--batch", str(args.eval_batch),
-                    "--output_dir", str(out)] + (["--limit", str(args.eval_limit)] if args.eval_limit else [])
+                    "--fp16", "no", "--decode_eos_token", "no", "--rationale", "--test_on", split,
+                    "--checkpoint", str(final), "--batch", str(args.eval_batch), "--output_dir", str(out)] + (["--limit", str(args.eval_limit)] if args.eval_limit else [])
             run_logged(argv, folder / f"eval_{split}.log", env)
             found = sorted(out.glob("Acc*.json"))
         scored = read_json(found[-1])
-        rate, steps = wrong_step_rate([r["generated"] for r in scored["records"]])
-        result[split] = {"acc": scored["acc"], "strict_acc": scored["strict_acc"],
-                         "answer_line": sum("\nAnswer" in r["generated"] for r in scored["records"]) / len(scored["records"]),
-                         "wrong_steps": rate, "steps": steps, "correct": [int(r["correct"]) for r in scored["records"]]}
+        items = scored["results"]
+        texts = [r["raw_generated"] for r in items]
+        rate, steps = wrong_step_rate(texts)
+        result[split] = {"acc": scored["accuracy"], "strict_acc": scored["strict_accuracy"],
+                         "answer_line": sum("\nAnswer" in t for t in texts) / len(items),
+                         "wrong_steps": rate, "steps": steps, "correct": [int(r["correct"]) for r in items]}
     result["seconds"] = round(time.time() - started, 1)
     return result
 

@@ -65,8 +65,8 @@ def tiny_student(data_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def teacher_files(data_dir, tmp_path_factory):
-    """Teacher data for 60 train questions (two phrasings each, plus one wrong rationale the filter
-    must drop) and the student's wrong rationales for them."""
+    """Teacher data for 60 train questions (two phrasings each, plus one wrong rationale that
+    --answer_filter yes drops) and the student's wrong rationales for them."""
     from tasks import load_split
 
     folder = tmp_path_factory.mktemp("teacher")

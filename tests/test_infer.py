@@ -23,19 +23,20 @@ def test_infer_end_to_end_writes_graded_records(tiny_student, data_dir, tmp_path
     assert result.returncode == 0, result.stderr
     acc_file = only_file(out, "Acc*.json")
     data = json.loads(acc_file.read_text())
-    assert data["total"] == 48 and len(data["records"]) == 48
-    assert acc_file.name == f"Acc{data['acc']:.4f}.json"
-    assert data["correct"] == sum(r["correct"] for r in data["records"])
-    assert data["acc"] == pytest.approx(data["correct"] / 48)
-    assert data["strict_correct"] == sum(r["strict_correct"] for r in data["records"])
+    assert data["total"] == 48 and len(data["results"]) == 48
+    assert acc_file.name == f"Acc{data['acc']:.4f}.json"  # acc in percent, as the original
+    assert data["correct"] == sum(r["correct"] for r in data["results"])
+    assert data["accuracy"] == pytest.approx(data["correct"] / 48) and data["acc"] == pytest.approx(100 * data["accuracy"])
+    assert data["strict_correct"] == sum(r["strict_correct"] for r in data["results"])
     assert data["args"]["note"] == "smoke" and data["args"]["rationale"] is True
     questions = [json.loads(line)["question"] for line in (data_dir / "wordmath" / "test.jsonl").read_text().splitlines()]
-    assert [r["question"] for r in data["records"]] == questions  # input order, no item lost or repeated
-    for record in data["records"]:
-        assert "\n\n" not in record["generated"]  # cut at the blank line
-        assert set(record) >= {"question", "gold", "generated", "prediction", "correct", "strict_correct"}
+    assert [r["question"] for r in data["results"]] == questions  # input order, no item lost or repeated
+    for record in data["results"]:
+        assert "\n\n" not in record["raw_generated"]  # cut at the blank line
+        assert record["raw_generated"].strip().startswith(record["generated"])
+        assert set(record) >= {"question", "answer", "final_ans", "generated", "pred", "correct", "strict_correct"}
     # the warm-started student writes rationales that end in an answer line
-    assert sum("\nAnswer:" in r["generated"] for r in data["records"]) >= 24
+    assert sum("\nAnswer:" in r["generated"] for r in data["results"]) >= 24
     assert "accuracy" in result.stdout and str(acc_file) in result.stdout
 
 
@@ -48,14 +49,14 @@ def test_two_process_cpu_evaluation_equals_one_process(tiny_student, data_dir, t
     assert two.returncode == 0, two.stderr
     a = json.loads(only_file(tmp_path / "one", "Acc*.json").read_text())
     b = json.loads(only_file(tmp_path / "two", "Acc*.json").read_text())
-    assert a["records"] == b["records"]
+    assert a["results"] == b["results"]
     assert (a["correct"], a["total"]) == (b["correct"], b["total"])
 
 
 def test_exam_writes_wrong_rationales_samples_and_summary(tiny_student, data_dir, tmp_path):
     out = tmp_path / "exam"
     result = run_script("infer_student_wrong.py", "--task", "wordmath", "--data_dir", str(data_dir), "--rationale",
-                        "--test_on", "train", "--limit", "40", "--sample_num", "3", "--batch", "8",
+                        "--test_on", "train", "--limit", "40", "--num_return_sequences", "3", "--batch", "8",
                         "--checkpoint", str(tiny_student), "--output_dir", str(out), "--note", "round1")
     assert result.returncode == 0, result.stderr
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
@@ -64,10 +65,10 @@ def test_exam_writes_wrong_rationales_samples_and_summary(tiny_student, data_dir
     assert len(samples) == 120 and summary["questions"] == 40
     expected = {}
     for s in samples:
-        if not s["correct"] and s["rationale"].strip():
+        if not s["correct"] and s["cleaned"]:
             bucket = expected.setdefault(s["question"], [])
-            if s["rationale"] not in bucket:
-                bucket.append(s["rationale"])
+            if s["cleaned"] not in bucket:
+                bucket.append(s["cleaned"])
     assert wrong == expected and wrong  # de-duplicated wrong rationales per question, right ones absent
     always_right = {q for q in {s["question"] for s in samples}
                     if all(x["correct"] for x in samples if x["question"] == q)}
@@ -108,7 +109,7 @@ def test_bad_inputs_give_one_line_and_write_nothing(case, tiny_student, tmp_path
 
 def test_two_process_exam_samples_equal_one_process(tiny_student, data_dir, tmp_path):
     common = ["infer_student_wrong.py", "--task", "wordmath", "--data_dir", str(data_dir), "--rationale",
-              "--checkpoint", str(tiny_student), "--limit", "24", "--sample_num", "2", "--batch", "4",
+              "--checkpoint", str(tiny_student), "--limit", "24", "--num_return_sequences", "2", "--batch", "4",
               "--max_new_tokens", "48"]
     one = run_script(*common, "--output_dir", str(tmp_path / "one"), env={"OMP_NUM_THREADS": "1"})
     two = run_script(*common, "--device", "0,1", "--output_dir", str(tmp_path / "two"))

@@ -8,7 +8,7 @@ from conftest import run_script
 
 def driver_argv(student, data_dir, workdir, *extra):
     return ["run_rounds.py", "--task", "wordmath", "--data_dir", str(data_dir), "--student", str(student),
-            "--workdir", str(workdir), "--rounds", "2", "--exam_limit", "24", "--sample_num", "2",
+            "--workdir", str(workdir), "--rounds", "2", "--exam_limit", "24", "--num_return_sequences", "2",
             "--exam_max_new_tokens", "64", "--epoch", "1", "--train_bsz", "4", "--lr", "1e-3",
             "--warmup_steps", "2", "--eval_limit", "12", *extra]
 
@@ -116,10 +116,11 @@ def test_stage_commands_parse_back_into_each_scripts_arguments(tmp_path):
     assert argv[1] == "run_trainer.py" and "--lr" in argv and "--learning_rate" not in argv
     train = parse(TrainArguments, argv[2:])
     assert (train.learning_rate, train.per_device_train_batch_size, train.num_train_epochs, train.cl_p, train.fewshot,
-            train.deepspeed, train.contrastive, train.checkpoint, train.valid_size, train.seed, train.resume) == \
-        (3e-4, 8, 2, 0.3, True, "ds_stage3_config.json", True, "ck", 7, 5, True)
+            train.deepspeed, train.contrastive, train.checkpoint, train.valid_size, train.seed, train.resume,
+            train.max_grad_norm, train.lr_scheduler_type, train.cl_neg_form) == \
+        (3e-4, 8, 2, 0.3, True, "ds_stage3_config.json", True, "ck", 7, 5, "yes", 1.0, "constant_with_warmup", "gold")
     exam = parse(ExamArguments, driver.exam_command("ck", tmp_path / "exam")[2:])
-    assert (exam.sample_num, exam.limit, exam.max_new_tokens, exam.batch, exam.test_on, exam.rationale) == \
+    assert (exam.num_return_sequences, exam.limit, exam.max_new_tokens, exam.batch, exam.test_on, exam.rationale) == \
         (4, 600, 160, 32, "train", True)
     evaluation = parse(InferArguments, driver.eval_command("ck", tmp_path / "eval", "validation")[2:])
     assert (evaluation.test_on, evaluation.batch, evaluation.limit, evaluation.valid_size) == ("validation", 64, None, 7)

@@ -155,12 +155,13 @@ def test_numeric_comparison(pred, gold, match):
 
 CHOICE_CASES = [
     ("Milk goes cold. Therefore, the answer is fridge (b).", "b", "b"),
-    ("(a) is wrong, (c) is right", "c", None),
+    ("(a) is wrong, (c) is right", "a", None),  # the first choice of the line, as the original
     ("b", "b", None),
     ("(D)", "d", None),
     ("nothing useful", None, None),
     ("Therefore, the answer is shelf (c).\n(e) on a later line", "c", "c"),
-    ("the answer is (a) or maybe (e)", "e", "e"),
+    ("the answer is (a) or maybe (e)", "a", "a"),
+    ("(b) is wrong, the answer is (c).", "b", "c"),
     ("(b).", "b", None),
 ]
 

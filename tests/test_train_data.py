@@ -166,9 +166,9 @@ def test_positive_is_distinct_and_negative_present(triplet_data, tokenizer, exam
                 continue
             assert f["pos_ids"] is not None and f["pos_ids"] != f["cont_ids"]
             assert tokenizer.decode(f["pos_ids"][:-1]) != row.text
-            ex = examples[row.qid]  # default --cl_neg_form gold: the student's reasoning + the gold answer line
-            assert tokenizer.decode(f["neg_ids"][:-1]) in {tasks.continuation(TASK, ex, steps_of(ex)),
-                                                           tasks.continuation(TASK, ex, "I guess 100001.")}
+            ex = examples[row.qid]  # default --cl_neg_form original: the student's whole text + the gold answer line
+            assert tokenizer.decode(f["neg_ids"][:-1]) in {tasks.continuation(TASK, ex, f"{steps_of(ex)}\nAnswer: 100000"),
+                                                           tasks.continuation(TASK, ex, "I guess 100001")}  # cleaned
             seen_pos.add((i, tuple(f["neg_ids"])))
     assert triplet_data.counts["rows_with_triplet"] == 23 - 1 - 2 - 2
     assert triplet_data.counts["negatives_dropped"] == 1     # q5's "negative" has the right answer

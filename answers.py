@@ -47,6 +47,8 @@ _NUMBER = re.compile(r"-?\d+\.?\d*")
 def number_text(value) -> str:
     """Canonical text of a numeric answer: '1,234' -> '1234', 8.0 -> '8'; other text unchanged."""
     text = str(value).replace(",", "").replace("$", "").strip()
+    if re.fullmatch(r"[-+]?\d+(\.0*)?", text):  # integers exactly: a float has 53 bits, gold may have more
+        return str(int(text.split(".")[0]))
     try:
         number = float(text)
     except ValueError:

@@ -5,20 +5,47 @@ original README uses both.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
+from typing import ClassVar
 
 from transformers import HfArgumentParser
 
 from common import UserError
 
 
+class OneLineParser(HfArgumentParser):
+    """argparse's own errors (unknown flag, bad choice, not a number) as the one `error:` line every
+    other bad input gets, instead of the usage block."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see --help)")
+
+
 def parse(cls, argv: list[str] | None = None):
-    parser = HfArgumentParser(cls)
+    parser = OneLineParser(cls)
     try:
         (parsed,) = parser.parse_args_into_dataclasses(args=argv)
     except ValueError as err:  # raised by __post_init__ checks
         raise UserError(str(err)) from None
+    check_bounds(parsed)
     return parsed
+
+
+def check_bounds(args) -> None:
+    """Each field named in the class's BOUNDS ({name: ">=1" | ">0" | ...}) holds a finite number in range
+    (None is left alone: it means "not set"). Kept as a table so every script rejects nonsense the same way."""
+    by_name = {f.name: f for f in fields(args)}
+    for name, bound in getattr(args, "BOUNDS", {}).items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        op, limit = bound[:2] if bound[1] == "=" else bound[:1], float(bound.lstrip("<>="))
+        ok = isinstance(value, (int, float)) and math.isfinite(value) and \
+            {">=": value >= limit, ">": value > limit, "<=": value <= limit, "<": value < limit}[op]
+        if not ok:
+            flag = "/".join(flags_of(by_name[name]))
+            raise UserError(f"{flag} must be a number {op} {bound.lstrip('<>=')}, got {value}")
 
 
 def as_dict(args) -> dict:
@@ -107,6 +134,7 @@ _DECODE_EOS_HELP = "yes: no special token (eos, pad) may be the first generated 
 
 @dataclass
 class InferArguments(ModelArguments, DataArguments):
+    BOUNDS: ClassVar[dict] = {"batch": ">=1", "max_new_tokens": ">=1", "limit": ">=0", "valid_size": ">=0"}
     rationale: bool = field(default=True, metadata={"help": _RATIONALE_HELP})
     fp16: bool | None = field(default=None, metadata={"nargs": "?", "const": True, "help": _FP16_HELP})
     test_on: str = field(default="test", metadata={"help": "Split to evaluate: test, train, validation."})
@@ -132,6 +160,8 @@ class InferArguments(ModelArguments, DataArguments):
 
 @dataclass
 class ExamArguments(ModelArguments, DataArguments):
+    BOUNDS: ClassVar[dict] = {"batch": ">=1", "num_return_sequences": ">=1", "temperature": ">0", "top_k": ">=0",
+                              "max_new_tokens": ">=1", "limit": ">=0", "valid_size": ">=0"}
     rationale: bool = field(default=True, metadata={"help": _RATIONALE_HELP})
     fp16: bool | None = field(default=None, metadata={"nargs": "?", "const": True, "help": _FP16_HELP})
     test_on: str = field(default="train", metadata={"help": "Split the student sits the exam on."})
@@ -163,6 +193,12 @@ class TrainArguments(ModelArguments, DataArguments):
     Fields named like a `transformers.TrainingArguments` field are handed to it as they are
     (trainer.training_arguments); the original's short flags (--lr, --epoch, --train_bsz, ...) are
     aliases of those names."""
+    BOUNDS: ClassVar[dict] = {
+        "per_device_train_batch_size": ">=1", "per_device_eval_batch_size": ">=1", "gradient_accumulation_steps": ">=1",
+        "learning_rate": ">0", "weight_decay": ">=0", "warmup_steps": ">=0", "max_grad_norm": ">=0", "max_length": ">=2",
+        "cl_pos_num": ">=1", "cl_neg_num": ">=1", "cl_p": ">=0", "cl_ratio": ">=0", "mle_w": ">=0", "eval_limit": ">=0",
+        "save_best": ">=0", "save_steps": ">0", "logging_steps": ">=1", "world_size": ">=0", "rank_offset": ">=0",
+        "valid_size": ">=0", "num_train_epochs": ">=0"}
     teacher_data: str | None = field(default=None, metadata={"help": "Teacher rationales {question: [rationale, ...]}; without it: answer-only training on gold answers."})
     teacher_data_random: str = field(default="1.0", metadata={"help": "P in [0, 1]: keep each teacher rationale with probability P (the original's; "
                                                                      "1.0 keeps all), or 'one': one seeded pick per question (the others stay positives)."})
@@ -239,6 +275,8 @@ class TrainArguments(ModelArguments, DataArguments):
                 keep = -1.0
             if not 0.0 <= keep <= 1.0:
                 raise UserError(f"--teacher_data_random: expected a probability in [0, 1] or 'one', got {self.teacher_data_random!r}")
+        if self.num_train_epochs <= 0 and self.max_steps <= 0:
+            raise UserError(f"--epoch must be > 0 (or --max_steps > 0), got {self.num_train_epochs}")
         if self.do_first_eval and not self.do_eval:
             raise UserError("--do_first_eval evaluates before training: it needs --do_eval yes")
         if self.max_grad_norm < 0:
@@ -260,6 +298,12 @@ class RoundsArguments:
 
     A field named like a field of a stage's arguments (InferArguments, ExamArguments, TeacherArguments,
     TrainArguments) is passed to that stage under that name (rounds.RoundDriver.command)."""
+    BOUNDS: ClassVar[dict] = {
+        "teacher_samples": ">=1", "max_cost": ">0", "exam_limit": ">=0", "exam_batch": ">=1", "num_return_sequences": ">=1",
+        "exam_max_new_tokens": ">=1", "num_train_epochs": ">=0", "per_device_train_batch_size": ">=1",
+        "learning_rate": ">0", "warmup_steps": ">=0", "max_grad_norm": ">=0", "cl_ratio": ">=0", "cl_p": ">=0",
+        "valid_size": ">=0", "eval_limit": ">=0", "eval_batch": ">=1", "warm_steps": ">=0",
+        "max_consecutive_failures": ">=0"}
     task: str = field(default="wordmath", metadata={"help": "Task (see tasks.py)."})
     data_dir: str = field(default="localdataset", metadata={"help": "Dataset root."})
     student: str = field(default="checkpoints/wordmath-student", metadata={"help": "Round-0 student (hub name or folder). The embedded one is built if missing."})
@@ -274,6 +318,9 @@ class RoundsArguments:
     base_url: str | None = field(default=None, metadata={"help": "OpenAI-compatible server URL (key from OPENAI_API_KEY)."})
     teacher_samples: int = field(default=2, metadata={"help": "Rationales per teacher request."})
     max_cost: float | None = field(default=None, metadata={"help": "Teacher spend limit (USD) per stage."})
+    max_consecutive_failures: int = field(default=5, metadata={"help": "Teacher stage: stop (and with it the driver) "
+                                                                       "after this many failed connection attempts in a "
+                                                                       "row with no answer between. 0: never."})
     keep_previous_data: bool = field(default=True, metadata={"help": "Round r >= 2 also trains on the earlier rounds' teacher data and negatives."})
     exam_limit: int | None = field(default=600, metadata={"help": "Exam only the first N train questions (0: all). Round 1's annotation covers the whole split."})
     exam_batch: int = field(default=32, metadata={"help": "Exam prompts per batch."})
@@ -318,6 +365,9 @@ class RoundsArguments:
         splits = self.eval_splits.split(",")
         if not all(splits) or len(set(splits)) != len(splits):
             raise UserError(f"--eval_splits: expected a comma list of split names, got {self.eval_splits!r}")
+        if self.base_url:  # before round 0's evaluation, not when the teacher stage comes
+            from teacher_backends import check_base_url
+            check_base_url(self.base_url)
 
 
 @dataclass
@@ -353,6 +403,11 @@ class StudentArguments:
 # ---------------------------------------------------------------- teacher (query_teacher.py, teacher.run_collection)
 @dataclass
 class TeacherArguments:
+    BOUNDS: ClassVar[dict] = {
+        "num_samples": ">=1", "temperature": ">=0", "max_tokens": ">=1", "concurrency": ">=1", "request_timeout": ">0",
+        "max_retries": ">=0", "backoff_base": ">=0", "max_consecutive_failures": ">=0", "max_requests": ">=1",
+        "max_cost": ">0", "prompt_price_per_1m": ">=0", "completion_price_per_1m": ">=0", "est_completion_tokens": ">=1",
+        "offline_error_rate": ">=0", "limit": ">=1", "max_wrong_per_question": ">=1", "valid_size": ">=0"}
     mode: str = field(default="annotate", metadata={"help": "annotate: rationales for a whole split; feedback: "
                                                             "tailored rationales for the student's mistakes.",
                                                     "choices": ["annotate", "feedback"]})
@@ -384,6 +439,10 @@ class TeacherArguments:
     max_retries: int = field(default=5, metadata={"help": "Retries per request on 429, 5xx, timeouts, connection errors."})
     backoff_base: float = field(default=1.0, metadata={"help": "First retry delay in seconds (doubles each time, "
                                                                "with jitter; a retry-after header wins)."})
+    max_consecutive_failures: int = field(default=5, metadata={"help": "Stop the run (exit 1, replies so far kept) "
+                                                                       "after this many failed connection attempts in a row "
+                                                                       "(refused, DNS, timeout) with no answer from the "
+                                                                       "server between: a teacher that is down. 0: never."})
     max_requests: int | None = field(default=None, metadata={"help": "Stop cleanly after this many new requests."})
     max_cost: float | None = field(default=None, metadata={"help": "Stop cleanly before this run's spend (USD) "
                                                                    "would pass this."})
@@ -399,23 +458,17 @@ class TeacherArguments:
     seed: int = field(default=42, metadata={"help": "offline backend: seed of its phrasing and errors."})
 
     def __post_init__(self):
-        positive = {"num_samples": self.num_samples, "concurrency": self.concurrency, "max_tokens": self.max_tokens,
-                    "max_wrong_per_question": self.max_wrong_per_question,
-                    "est_completion_tokens": self.est_completion_tokens}
-        for name, value in positive.items():
-            if value < 1:
-                raise UserError(f"--{name} must be at least 1, got {value}")
-        for name in ("limit", "max_requests"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise UserError(f"--{name} must be at least 1, got {value}")
-        if self.max_retries < 0 or self.request_timeout <= 0 or self.backoff_base < 0:
-            raise UserError("--max_retries, --backoff_base must be >= 0 and --request_timeout > 0")
-        if self.max_cost is not None and self.max_cost <= 0:
-            raise UserError(f"--max_cost must be positive, got {self.max_cost}")
+        # here as well as in parse(): the round driver builds these directly, and a NaN temperature
+        # would otherwise reach the server and come back as "malformed replies", retried for nothing
+        check_bounds(self)
         if not 0.0 <= self.offline_error_rate <= 1.0:
             raise UserError(f"--offline_error_rate must be in [0, 1], got {self.offline_error_rate}")
         if self.mode not in ("annotate", "feedback"):
             raise UserError(f"--mode must be annotate or feedback, got {self.mode!r}")
         if self.backend not in ("openai", "offline"):
             raise UserError(f"--backend must be openai or offline, got {self.backend!r}")
+        if self.student_wrong and self.mode != "feedback":
+            raise UserError("--student_wrong is read by --mode feedback only (annotate asks about the whole split)")
+        if self.base_url:
+            from teacher_backends import check_base_url  # the teacher's own modules stay out of the others' imports
+            check_base_url(self.base_url)

@@ -59,6 +59,22 @@ def torchrun_flags(local: int, world_size: int = 0, rank_offset: int = 0, master
     return flags
 
 
+def check_devices(devices: list[str]) -> None:
+    """GPU ids must name GPUs this machine has; without a GPU, ids only count CPU processes, so
+    they must be 0,1,...,n-1 (anything else is a typo or a machine mix-up)."""
+    from common import UserError
+
+    ids = [int(d) for d in devices]
+    if torch.cuda.is_available():
+        missing = [i for i in ids if i >= torch.cuda.device_count()]
+        if missing:
+            raise UserError(f"--device: GPU {missing[0]} does not exist here ({torch.cuda.device_count()} visible)")
+    elif ids and sorted(ids) != list(range(len(ids))):
+        raise UserError(f"--device {','.join(devices)}: this machine has no GPU; use cpu, or 0,1,...,n-1 for n CPU processes")
+    if len(set(ids)) != len(ids):
+        raise UserError(f"--device {','.join(devices)}: an id appears twice")
+
+
 def relaunch_if_needed(devices: list[str], **launch) -> None:
     """With several processes to run and no launcher around us, run this same command under torchrun
     and exit. `launch`: the multi-machine flags of torchrun_flags."""
@@ -127,6 +143,7 @@ def script_main(arguments_class, run, relaunch: bool = False):
     def main() -> None:
         args = parse(arguments_class)
         devices = device_list(args.device)
+        check_devices(devices)
         if relaunch:
             launch = {name: getattr(args, name) for name in ("world_size", "rank_offset", "master_addr", "master_port")
                       if hasattr(args, name)}

@@ -7,12 +7,15 @@ processes. Each sequence stops at the first blank line or eos.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
+from typing import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from safetensors import SafetensorError
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import distributed
 from common import UserError
@@ -27,8 +30,20 @@ def looks_local(path: str) -> bool:
             or os.path.isdir(path.split("/")[0]))
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False):
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+@contextmanager
+def loading(flag: str, path: str) -> Iterator[None]:
+    """A model folder or hub name that cannot be read (corrupt config.json, truncated weights, an
+    unknown hub name offline) becomes one line naming the flag, not a traceback."""
+    try:
+        yield
+    except (OSError, ValueError, KeyError, SafetensorError) as err:  # JSON errors are ValueErrors
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"{flag}: cannot load {path} ({first[:300]})") from None
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False, flag: str = "--load"):
+    with loading(flag, path):
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:  # GPT-J ships none; eos is masked out anyway
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.truncation_side = "left"
@@ -44,7 +59,7 @@ def load_model(path: str, dtype: torch.dtype | None = None, trust_remote_code: b
     `allow_pickle`). The original saved checkpoints without a tokenizer: a folder without one takes
     `tokenizer_fallback`'s (the base model, --load)."""
     check_model_path(path, flag, allow_pickle)
-    tokenizer = load_tokenizer(tokenizer_source(path, tokenizer_fallback), trust_remote_code)
+    tokenizer = load_tokenizer(tokenizer_source(path, tokenizer_fallback), trust_remote_code, flag)
     model = load_weights(path, flag, allow_pickle, dtype=dtype, trust_remote_code=trust_remote_code)
     model.eval()
     return model, tokenizer
@@ -86,10 +101,13 @@ def load_weights(path: str, flag: str, allow_pickle: bool = False, **kwargs):
     use_safetensors = True
     if allow_pickle:
         use_safetensors = None if not folder.is_dir() else _has_safetensors(folder)  # hub: safetensors first
-    try:
+    with loading(flag, path):
         return AutoModelForCausalLM.from_pretrained(path, use_safetensors=use_safetensors, **kwargs)
-    except (OSError, ValueError) as err:
-        raise UserError(f"{flag}: cannot load {path} ({str(err).splitlines()[0]})") from None
+
+
+def load_config(path: str, flag: str, trust_remote_code: bool = False):
+    with loading(flag, path):
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
 def torch_dtype(fp16: bool, bf16: bool) -> torch.dtype | None:

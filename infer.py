@@ -18,7 +18,7 @@ import torch
 
 import distributed
 from args import InferArguments, as_dict
-from common import UserError, atomic_write_json, read_json, redact, set_seed
+from common import UserError, atomic_write_json, check_output_dir, read_json, redact, set_seed
 from generation import SamplingConfig, evaluate, generation_settings, load_model, looks_local, torch_dtype
 from tasks import add_hints, build_prompt, get_task, load_demos, load_split
 
@@ -107,6 +107,8 @@ def acc_file(args, task, examples, result: dict, gen_config: dict) -> dict:
 
 def run(args: InferArguments) -> dict | None:
     """Evaluate and write Acc<acc>.json; returns the file's content on rank 0 (None elsewhere)."""
+    out = Path(args.output_dir or default_output_dir(args, "eval"))
+    check_output_dir(out, "--output_dir")
     keep = wrong_questions(args.hint_filter_path) if args.hint else None
     task, examples, demos, model, tokenizer = setup(args, keep)
     prompts = [build_prompt(task, ex, demos, args.rationale) for ex in examples]
@@ -119,7 +121,7 @@ def run(args: InferArguments) -> dict | None:
     if result is None:
         return None
     output = acc_file(args, task, examples, result, generation_settings(tokenizer, cfg))
-    path = Path(args.output_dir or default_output_dir(args, "eval")) / f"Acc{output['acc']:.4f}.json"
+    path = out / f"Acc{output['acc']:.4f}.json"
     atomic_write_json(path, output)
     print(f"{task.name}/{args.test_on}: accuracy {result['acc']:.4f} ({result['correct']}/{result['total']}), "
           f"strict {result['strict_acc']:.4f} ({result['strict_correct']}/{result['total']})  -> {path}")

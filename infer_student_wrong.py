@@ -13,7 +13,7 @@ from pathlib import Path
 
 import distributed
 from args import ExamArguments, as_dict
-from common import atomic_write_json, atomic_write_jsonl, read_json, redact
+from common import atomic_write_json, atomic_write_jsonl, check_output_dir, read_json, redact
 from generation import SamplingConfig, generate, generation_settings
 from infer import default_output_dir, setup
 from tasks import build_prompt, grade
@@ -37,6 +37,8 @@ def collect_mistakes(task, examples, outputs: list[list[str]], rationale: bool):
 
 def run(args: ExamArguments) -> dict | None:
     started = time.time()
+    out = Path(args.output_dir or default_output_dir(args, "exam"))
+    check_output_dir(out, "--output_dir")
     task, examples, demos, model, tokenizer = setup(args)
     n_samples = args.num_return_sequences
     cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch, do_sample=True,
@@ -55,7 +57,6 @@ def run(args: ExamArguments) -> dict | None:
                f"pass@{n_samples}": sum(c > 0 for c in per_question) / max(1, n),
                "questions_with_mistakes": len(wrong), "wrong_rationales": sum(map(len, wrong.values())),
                "gen_config": generation_settings(tokenizer, cfg), "seconds": round(time.time() - started, 1)}
-    out = Path(args.output_dir or default_output_dir(args, "exam"))
     atomic_write_jsonl(out / "samples.jsonl", samples)
     atomic_write_json(out / "student_wrong.json", wrong)
     atomic_write_json(out / "summary.json", summary)

@@ -7,6 +7,8 @@
 """
 from __future__ import annotations
 
+import sys
+
 import args
 import teacher
 from common import cli_main
@@ -14,7 +16,15 @@ from common import cli_main
 
 @cli_main
 def main() -> None:
-    teacher.run_collection(args.parse(args.TeacherArguments))
+    try:
+        teacher.run_collection(args.parse(args.TeacherArguments))
+    except teacher.CollectionFailed as err:  # not bad input (exit 2): the run itself failed
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("error: interrupted; replies so far are journaled: re-run the same command to continue",
+              file=sys.stderr, flush=True)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,10 @@ training from the round r-1 checkpoint (with earlier rounds' data too if --keep_
 """
 from __future__ import annotations
 
+import ctypes
+import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -27,20 +30,93 @@ from args import ExamArguments, InferArguments, TeacherArguments, TrainArguments
 from common import UserError, atomic_write_json, read_json
 
 
+class StageFailed(UserError):
+    """A stage exited non-zero. The driver exits 1 with this line: the stage's own `error:` line says why."""
+
+
+class Interrupted(Exception):
+    """SIGTERM, SIGINT or SIGHUP reached the driver (see `stop_on_signals`)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def stop_on_signals() -> None:
+    """Turn the stop signals into `Interrupted`, so `run_command` stops the running stage before the
+    driver exits (a stage lives in its own process group and would not see them otherwise)."""
+    def handler(signum, frame):
+        raise Interrupted(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, handler)
+
+
+def _die_with_parent():
+    """Linux: the kernel sends the stage SIGTERM when the driver dies, even by SIGKILL (no handler runs then)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return lambda: prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+
+
+def _signal_group(process: subprocess.Popen, signum: int) -> None:
+    try:
+        os.killpg(process.pid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass  # the group is gone
+
+
+def stop_stage(process: subprocess.Popen, grace: float = 5.0) -> None:
+    """SIGTERM the stage's process group (its torchrun workers too), SIGKILL whatever is left after
+    `grace` seconds or at a second signal."""
+    _signal_group(process, signal.SIGTERM)
+    try:
+        process.wait(grace)
+    except (subprocess.TimeoutExpired, Interrupted, KeyboardInterrupt):
+        pass
+    _signal_group(process, signal.SIGKILL)
+    process.wait()
+
+
+def _last_error_line(output: bytes) -> str | None:
+    lines = [line.strip() for line in output.decode("utf-8", errors="replace").replace("\r", "\n").splitlines()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    return errors[-1][len("error: "):] if errors else None
+
+
 def run_command(argv: list[str], log: Path) -> None:
     """Print the command, run it with output shown and kept in `log`; a failure stops the driver.
 
-    Bytes pass through unchanged so the stage's progress bars redraw in place."""
+    Bytes pass through unchanged so the stage's progress bars redraw in place. The stage runs in
+    its own process group, stopped with it if the driver is interrupted."""
     print("\n$ " + " ".join(shlex.quote(a) for a in argv), flush=True)
     log.parent.mkdir(parents=True, exist_ok=True)
+    tail = b""
     with open(log, "wb") as sink:
-        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        while chunk := process.stdout.read1(4096):
-            sys.stdout.buffer.write(chunk)
-            sys.stdout.flush()
-            sink.write(chunk)
-        if process.wait() != 0:
-            raise UserError(f"stage failed (exit {process.returncode}); its output is in {log}")
+        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                                   preexec_fn=_die_with_parent())
+        try:
+            while chunk := process.stdout.read1(4096):
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
+                sink.write(chunk)
+                tail = (tail + chunk)[-16384:]
+            process.wait()
+        except BaseException:
+            stop_stage(process)
+            raise
+        finally:
+            process.stdout.close()
+    if process.returncode != 0:
+        code = process.returncode
+        how = f"killed by {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals() else f"exit {code}"
+        reason = _last_error_line(tail)
+        raise StageFailed(f"stage {Path(argv[1]).name if len(argv) > 1 else argv[0]} failed ({how})"
+                          + (f": {reason}" if reason else "") + f"; its output is in {log}")
 
 
 def merge_rationale_files(paths: list[str], out: Path) -> None:

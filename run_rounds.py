@@ -13,7 +13,7 @@ from pathlib import Path
 
 from args import RoundsArguments, parse
 from common import cli_main
-from rounds import RoundDriver, run_command
+from rounds import Interrupted, RoundDriver, StageFailed, run_command, stop_on_signals
 
 EMBEDDED_TASKS = ("wordmath", "gsm_symbolic")
 EMBEDDED_STUDENT = "checkpoints/wordmath-student"
@@ -35,11 +35,20 @@ def prepare_embedded(args: RoundsArguments) -> None:
 
 @cli_main
 def main() -> None:
-    args = parse(RoundsArguments)
-    if args.exam_limit == 0:
-        args.exam_limit = None
-    prepare_embedded(args)
-    RoundDriver(args).run()
+    stop_on_signals()
+    try:
+        args = parse(RoundsArguments)
+        if args.exam_limit == 0:
+            args.exam_limit = None
+        prepare_embedded(args)
+        RoundDriver(args).run()
+    except StageFailed as err:  # the stage's own failure, not bad input to the driver (exit 2)
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    except Interrupted as err:
+        print(f"error: stopped by {err} (a running stage with it); finished stages are kept: re-run the same "
+              f"command to continue", file=sys.stderr, flush=True)
+        sys.exit(128 + err.signum)
 
 
 if __name__ == "__main__":

@@ -202,10 +202,40 @@ def load_split(task_name: str, split: str, data_dir: str = DATA_DIR, limit: int 
     examples = []
     for i, row in enumerate(rows[:limit] if limit else rows):
         try:
-            examples.append(task.convert(row))
-        except (KeyError, ValueError, TypeError) as err:
+            ex = task.convert(row)
+        except (KeyError, ValueError, TypeError, AttributeError, OverflowError) as err:  # null, 1e309, wrong types
             raise UserError(f"{source}: row {i}: cannot read {task.name} item ({type(err).__name__}: {err})") from None
+        problem = item_problem(ex)
+        if problem:
+            raise UserError(f"{source}: row {i}: {problem}")
+        examples.append(ex)
     return examples
+
+
+def text_problem(text) -> str | None:
+    """Why `text` cannot go to a tokenizer or a JSON file (None if it can)."""
+    if not isinstance(text, str):
+        return f"expected text, got {type(text).__name__}"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "text with a lone surrogate character (invalid Unicode)"
+    return None
+
+
+def item_problem(ex: Example) -> str | None:
+    """Why an item cannot be used (None if it can): an empty question would merge with every other
+    empty one under the same key of the rationale files."""
+    for name, text in (("question", ex.question), ("gold answer", ex.gold), *(("choice", c) for c in ex.choices or []),
+                       ("rationale", ex.rationale or "")):
+        problem = text_problem(text)
+        if problem:
+            return f"{name}: {problem}"
+    if not ex.question.strip():
+        return "empty question"
+    if not ex.gold.strip():
+        return "empty gold answer"
+    return None
 
 
 def has_validation(task_name: str, valid_size: int) -> bool:

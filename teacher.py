@@ -14,14 +14,15 @@ import asyncio
 import os
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import tasks
 from common import UserError, atomic_write_json, atomic_write_jsonl, read_json, redact
 from tasks import Example, TaskSpec
-from teacher_backends import Backend, api_key_for, make_backend, public_url
-from teacher_collect import Budget, Collector, Outputs, RetryPolicy, build_outputs
+from teacher_backends import Backend, api_key_for, check_base_url, make_backend, public_url
+from teacher_collect import Budget, Collector, Health, Outputs, RetryPolicy, build_outputs
 from teacher_journal import (OFFLINE_MODEL, Journal, Prices, Request, estimate_tokens, load_price_table, prompt_text,
                              request_key, resolve_prices)
 from teacher_templates import render, template_hash
@@ -31,26 +32,63 @@ OUTPUT_FILES = ("teacher_data.json", "teacher_provenance.jsonl", "summary.json",
 
 # ---------------------------------------------------------------- building requests
 
+def _json_kind(value) -> str:
+    if value is None:
+        return "null"
+    return {bool: "true/false", int: "a number", float: "a number", str: "a string", list: "a list",
+            dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def check_text(text: str, where: str) -> None:
+    """A lone surrogate (JSON "\\ud800") passes json.loads but breaks every UTF-8 write and hash later."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise UserError(f"{where}: contains a lone surrogate {text[err.start]!r} at character {err.start} "
+                        f"(not valid Unicode text; fix or drop it)") from None
+
+
 def load_student_wrong(path: str | None, examples: list[Example], skip_unknown: bool,
                        per_question: int) -> tuple[list[tuple[Example, str]], list[str]]:
     """(example, wrong rationale) pairs in dataset order, and the questions not in the split."""
     if not path:
         raise UserError("--mode feedback needs --student_wrong path/to/student_wrong.json")
     data = read_json(path, "--student_wrong file")
-    if not isinstance(data, dict) or not all(
-            isinstance(v, list) and all(isinstance(r, str) for r in v) for v in data.values()):
-        raise UserError(f"--student_wrong: {path}: expected {{question: [wrong rationale, ...]}}")
+    where = f"--student_wrong: {path}"
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: expected {{question: [wrong rationale, ...]}}, got {_json_kind(data)}")
+    if not data:
+        raise UserError(f"{where}: holds no questions (an exam without mistakes?), so there is nothing to ask "
+                        f"the teacher")
+    wanted: dict[str, list[str]] = {}
+    for question, rationales in data.items():
+        check_text(question, f"{where}: a question")
+        if not question.strip():
+            raise UserError(f"{where}: a question is empty or blank ({question!r})")
+        at = f"{where}: question {question[:80]!r}"
+        if not isinstance(rationales, list):
+            raise UserError(f"{at}: expected a list of wrong rationales, got {_json_kind(rationales)}")
+        for rationale in rationales:
+            if not isinstance(rationale, str):
+                raise UserError(f"{at}: expected wrong rationales as strings, got {_json_kind(rationale)}")
+            check_text(rationale, f"{at}: a wrong rationale")
+        # keys that differ only in whitespace are one question: their rationales go together
+        wanted.setdefault(tasks.fold(question), []).extend(rationales)
+    if not any(r.strip() for rationales in wanted.values() for r in rationales):
+        raise UserError(f"{where}: every wrong rationale in it is blank, so there is nothing to ask the teacher")
     by_text = {tasks.fold(ex.question): ex for ex in examples}
     unknown = [q for q in data if tasks.fold(q) not in by_text]
     if unknown and not skip_unknown:
         more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
-        raise UserError(f"--student_wrong: {path}: question not in the split: {unknown[0][:120]!r}{more}; "
+        raise UserError(f"{where}: question not in the split: {unknown[0][:120]!r}{more}; "
                         f"pass --skip_unknown_questions to skip such questions")
-    wanted = {tasks.fold(q): rationales for q, rationales in data.items()}
     pairs = []
     for ex in examples:
         unique = list(dict.fromkeys(tasks.fold(r) for r in wanted.get(tasks.fold(ex.question), []) if r.strip()))
         pairs += [(ex, wrong) for wrong in unique[:per_question]]
+    if not pairs:
+        raise UserError(f"{where}: none of its questions with a wrong rationale is in the split "
+                        f"({len(unknown)} skipped by --skip_unknown_questions), so there is nothing to ask the teacher")
     return pairs, unknown
 
 
@@ -103,6 +141,8 @@ def plan_collection(args) -> Plan:
     if out.exists() and not out.is_dir():
         raise UserError(f"--output_dir: {out} exists and is not a folder")
     base_url = (args.base_url or os.environ.get("OPENAI_BASE_URL") or None) if args.backend == "openai" else None
+    if base_url and not args.base_url:
+        check_base_url(base_url, "OPENAI_BASE_URL")
     examples = tasks.load_split(task.name, args.test_on, args.data_dir, limit=args.limit, valid_size=args.valid_size)
     if args.backend == "offline":
         _check_offline(task, examples)
@@ -123,13 +163,16 @@ def run_collection(args) -> dict:
     """Collect teacher rationales as `args` (a TeacherArguments) says; returns the summary dict.
 
     Writes <output_dir>/{journal.jsonl, teacher_data.json, teacher_provenance.jsonl, summary.json}
-    (nothing on --dry_run: it prints the estimate). Raises UserError on bad input before writing anything."""
+    (nothing on --dry_run: it prints the estimate). Raises UserError on bad input before writing anything,
+    and CollectionFailed after writing what was collected when requests finally failed or the teacher
+    could not be reached (nothing is written when no reply came at all)."""
     started = time.time()
     plan = plan_collection(args)
     journal = Journal(plan.out / "journal.jsonl")
     collector = Collector(plan.backend, journal, Budget(args.max_requests, args.max_cost), plan.prices,
                           RetryPolicy(args.max_retries, args.backoff_base), args.concurrency,
-                          args.est_completion_tokens, secret=plan.api_key)
+                          args.est_completion_tokens, secret=plan.api_key,
+                          health=Health(args.max_consecutive_failures or None))
     summary = {"mode": args.mode, "task": plan.task.name, "split": args.test_on, "backend": plan.backend.name,
                "model": plan.backend.model, "base_url": public_url(plan.base_url),
                "template_hash": template_hash(args.mode), "params": plan.backend.params(),
@@ -155,18 +198,45 @@ def run_collection(args) -> dict:
         asyncio.run(_collect(collector, pending, records, args.num_samples))
     finally:
         journal.close()
-    if collector.fatal and not any(r.key in records for r in plan.requests):
-        if created_dir and not any(plan.out.iterdir()):
-            plan.out.rmdir()  # a bad key or model leaves no trace
-        raise UserError(f"teacher rejected the first requests: {collector.fatal}")
     outputs = build_outputs(plan.task, plan.requests, records, collector.failures, plan.backend)
     summary.update(_summary_numbers(plan.requests, pending, records, collector, outputs, started))
+    summary["failure"] = failure_message(summary, collector)
+    if summary["failure"] and not any(r.key in records for r in plan.requests):
+        if created_dir and not any(plan.out.iterdir()):
+            plan.out.rmdir()  # a bad key, model or URL leaves no trace
+        if collector.fatal:
+            raise UserError(f"teacher rejected the first requests: {collector.fatal}")
+        raise CollectionFailed(summary["failure"], summary)
     summary["outputs"] = {name: str(plan.out / name) for name in OUTPUT_FILES}
     _write_outputs(plan.out, outputs, summary)
     print_summary(summary, plan.out)
-    if collector.fatal:
-        raise UserError(f"teacher stopped the run: {collector.fatal} (outputs hold what was collected)")
+    if summary["failure"]:
+        raise CollectionFailed(summary["failure"], summary)
     return summary
+
+
+class CollectionFailed(Exception):
+    """Requests finally failed: the outputs hold what was collected, and the run must not pass for
+    complete (query_teacher.py exits 1, the round driver stops)."""
+
+    def __init__(self, message: str, summary: dict):
+        super().__init__(message)
+        self.summary = summary
+
+
+def failure_message(summary: dict, collector: Collector) -> str | None:
+    """One line for a run that did not get every answer it went for; None if it did. Requests left
+    by a budget stop are not failures: the user asked for that stop."""
+    req = summary["requests"]
+    failed = req["failed"] + (req["not_run"] if collector.stop_reason else 0)
+    if not failed:
+        return None
+    reason = collector.stop_reason or Counter(collector.failures.values()).most_common(1)[0][0]
+    if len(reason) > 300:
+        reason = reason[:300] + "..."
+    got = req["from_journal"] + req["new"]
+    return (f"{failed} of {req['total']} requests failed ({reason}); re-run the same command to retry them "
+            + (f"(the {got} replies so far are journaled)" if got else "(no reply was collected)"))
 
 
 def read_summary(out: Path) -> dict | None:
@@ -174,6 +244,8 @@ def read_summary(out: Path) -> dict | None:
     if not (out / "summary.json").is_file() or not (out / "teacher_data.json").is_file():
         return None
     summary = read_json(out / "summary.json")
+    if summary.get("failure"):  # some requests failed: run the stage again (the journal answers the rest)
+        return None
     return {"teacher_data": str(out / "teacher_data.json"), "template_hash": summary.get("template_hash"),
             "model": summary.get("model"), "kept": summary["samples"]["kept"],
             "rejected": summary["samples"]["rejected"], "cost_usd": summary["cost_usd"]["all_requests"]}
@@ -198,8 +270,8 @@ def _summary_numbers(requests, pending, records, collector: Collector, outputs: 
         "cost_usd": {"this_run": round(collector.budget.spent, 6),
                      "all_requests": round(sum(rec.get("cost_usd", 0.0) for rec in ours), 6),
                      "prices_known": collector.prices.known},
-        "stopped_early": bool(collector.budget.stop_reason or collector.fatal),
-        "stop_reason": collector.budget.stop_reason or collector.fatal,
+        "stopped_early": bool(collector.budget.stop_reason or collector.stop_reason),
+        "stop_reason": collector.stop_reason or collector.budget.stop_reason,
         "elapsed_s": round(elapsed, 3),
         "new_requests_per_s": round(collector.new_records / elapsed, 3) if elapsed > 0 else None,
     }

@@ -17,7 +17,7 @@ import tasks
 from answers import CLOSING_FINAL_SENTENCE, final_sentence, format_number, numbers_close
 from common import UserError, redact
 from tasks import TaskSpec
-from teacher_journal import OFFLINE_MODEL, Reply, Request, estimate_tokens, prompt_text
+from teacher_journal import OFFLINE_MODEL, Reply, Request, estimate_tokens, is_empty_reply, prompt_text
 from teacher_templates import gold_text
 from wordmath import CONNECTORS, STEP_BY_STEP
 
@@ -27,11 +27,16 @@ LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1", "0.0.0.0"}
 # ---------------------------------------------------------------- backends
 
 class RetryableError(Exception):
-    """A transient failure: 429, 5xx, timeout, connection error, malformed reply."""
+    """A transient failure: 429, 5xx, timeout, connection error, malformed or empty reply.
 
-    def __init__(self, message: str, retry_after: float | None = None):
+    `connection`: the server was not reached (refused, DNS, timeout). A run of these with no
+    answer in between means the teacher is down, and the collector stops instead of retrying
+    every remaining request."""
+
+    def __init__(self, message: str, retry_after: float | None = None, connection: bool = False):
         super().__init__(message)
         self.retry_after = retry_after
+        self.connection = connection
 
 
 class FatalError(Exception):
@@ -89,7 +94,9 @@ class OpenAITeacher:
                 model=self.model, messages=request.prompt.messages, **self.params())
         except openai.APIStatusError as err:
             self._raise_for_status(err)
-        except (openai.APIConnectionError, openai.APIResponseValidationError) as err:  # incl. timeouts
+        except openai.APIConnectionError as err:  # incl. APITimeoutError
+            raise RetryableError(f"{type(err).__name__}: {err}", connection=True) from None
+        except openai.APIResponseValidationError as err:
             raise RetryableError(f"{type(err).__name__}: {err}") from None
         except ValueError as err:  # a 200 whose body is not JSON (json.JSONDecodeError)
             raise RetryableError(f"malformed reply ({type(err).__name__})") from None
@@ -111,6 +118,8 @@ class OpenAITeacher:
             raise RetryableError("malformed reply (no choices)")
         texts = [(getattr(c.message, "content", None) or "") if getattr(c, "message", None) else ""
                  for c in choices]
+        if is_empty_reply(texts):  # a hiccup, not an answer: journaled it would be reused forever
+            raise RetryableError("empty reply (no text in any choice)")
         usage = getattr(response, "usage", None)
         prompt_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
         completion_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
@@ -254,6 +263,27 @@ class OfflineTeacher:
 
 def _is_local(base_url: str | None) -> bool:
     return bool(base_url) and (urlparse(base_url).hostname or "") in LOCAL_HOSTS
+
+
+def check_base_url(base_url: str, what: str = "--base_url") -> None:
+    """A URL the client can connect to at all; otherwise every request would fail the same way."""
+    try:
+        parsed = urlparse(base_url)
+        parsed.port  # noqa: B018 (raises on a port that is not a number in range)
+    except ValueError as err:
+        raise UserError(f"{what}: not a valid URL ({err}): {_without_credentials(base_url)!r}") from None
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise UserError(f"{what}: expected http(s)://host[:port][/path], got {_without_credentials(base_url)!r}")
+
+
+def _without_credentials(text: str) -> str:
+    """Text that may hold a user:password@ part, without it (for messages about a bad URL)."""
+    head, sep, tail = text.partition("://")
+    if sep:
+        tail = tail.split("/", 1)
+        tail[0] = tail[0].rsplit("@", 1)[-1]
+        text = head + sep + "/".join(tail)
+    return redact(text)
 
 
 def public_url(base_url: str | None) -> str | None:

@@ -32,20 +32,52 @@ class RetryPolicy:
         return min(MAX_BACKOFF_S, self.base_delay * 2 ** attempt) * rng.uniform(0.5, 1.0)
 
 
+class TeacherUnreachable(Exception):
+    """Connection failures in a row with no answer between: every further request would fail too."""
+
+
+@dataclass
+class Health:
+    """Failed connection attempts in a row, over all requests; any answer from the server (an error
+    status included) resets the count. `limit` None: never give up on the server."""
+    limit: int | None = None
+    streak: int = 0
+
+    def answered(self) -> None:
+        self.streak = 0
+
+    def failed(self, err: RetryableError) -> None:
+        if not err.connection:
+            self.streak = 0  # a 429, 5xx or malformed body still came from the server
+            return
+        self.streak += 1
+        if self.limit is not None and self.streak >= self.limit:
+            raise TeacherUnreachable(f"teacher unreachable: {self.streak} connection failures in a row with no "
+                                     f"answer between (last: {err}); see --max_consecutive_failures, --request_timeout")
+
+
 async def complete_with_retries(backend: Backend, request: Request, policy: RetryPolicy,
-                                rng: random.Random, log) -> Reply:
-    """RetryableError -> back off and try again; after max_retries it becomes a RequestError."""
+                                rng: random.Random, log, health: Health | None = None) -> Reply:
+    """RetryableError -> back off and try again; after max_retries it becomes a RequestError.
+    TeacherUnreachable when `health` says the server is down."""
+    health = health if health is not None else Health()
     for attempt in range(policy.max_retries + 1):
         try:
             reply = await backend.complete(request)
-            reply.attempts = attempt + 1
-            return reply
         except RetryableError as err:
+            health.failed(err)
             if attempt == policy.max_retries:
                 raise RequestError(f"gave up after {attempt + 1} attempts: {err}") from None
             wait = policy.delay(attempt, err.retry_after, rng)
             log(f"retry {attempt + 1}/{policy.max_retries} in {wait:.2f}s ({err})")
             await asyncio.sleep(wait)
+            continue
+        except (RequestError, FatalError):
+            health.answered()
+            raise
+        health.answered()
+        reply.attempts = attempt + 1
+        return reply
     raise AssertionError("unreachable")
 
 
@@ -91,9 +123,16 @@ class Collector:
     concurrency: int
     est_completion_tokens: int
     secret: str | None = None
+    health: Health = field(default_factory=Health)
     failures: dict[str, str] = field(default_factory=dict)
-    fatal: str | None = None
+    fatal: str | None = None        # the server refuses every request (bad key, unknown model)
+    unreachable: str | None = None  # the server cannot be reached at all
     new_records: int = 0
+    _asking: set = field(default_factory=set, repr=False)
+
+    @property
+    def stop_reason(self) -> str | None:
+        return self.fatal or self.unreachable
 
     def scrub(self, text: str) -> str:
         if self.secret:
@@ -114,7 +153,7 @@ class Collector:
         for request in pending:
             await semaphore.acquire()
             estimate = self.estimate_cost(request, n)
-            if self.fatal or not self.budget.admit(estimate):
+            if self.stop_reason or not self.budget.admit(estimate):
                 semaphore.release()
                 break
             rng = random.Random(seed_rng.random())  # per-request jitter stream
@@ -123,8 +162,13 @@ class Collector:
 
     async def _one(self, request: Request, estimate: float, records: dict, semaphore, rng, bar) -> None:
         actual = 0.0
+        task = asyncio.current_task()
         try:
-            reply = await complete_with_retries(self.backend, request, self.policy, rng, self.log)
+            self._asking.add(task)
+            try:
+                reply = await complete_with_retries(self.backend, request, self.policy, rng, self.log, self.health)
+            finally:
+                self._asking.discard(task)
             actual = self.prices.cost(reply.prompt_tokens, reply.completion_tokens)
             record = self._record(request, reply, actual)
             await asyncio.to_thread(self.journal.append, record)  # durable before anything uses it
@@ -136,10 +180,27 @@ class Collector:
         except FatalError as err:
             self.fatal = self.scrub(str(err))
             self.failures[request.key] = self.fatal
+            self._stop_asking()
+        except TeacherUnreachable as err:
+            self.unreachable = self.scrub(str(err))
+            self.failures[request.key] = self.unreachable
+            self.log(f"stopping: {self.unreachable}")
+            self._stop_asking()
+        except asyncio.CancelledError:
+            if not self.stop_reason:
+                raise
+            # stopped by another request's verdict: counted "not run", asked again by the next run
         finally:
             self.budget.settle(estimate, actual)
             semaphore.release()
             bar.update(1)
+
+    def _stop_asking(self) -> None:
+        """Cancel the requests still waiting on the server or in back-off. Only those: one whose reply
+        is being journaled finishes, so the journal and this run's outputs agree."""
+        for other in self._asking:
+            if other is not asyncio.current_task():
+                other.cancel()
 
     def _record(self, request: Request, reply: Reply, cost: float) -> dict:
         return {"key": request.key, "kind": request.kind, "question": request.example.question,

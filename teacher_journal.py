@@ -8,6 +8,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import math
 import os
 import threading
 from dataclasses import dataclass
@@ -38,6 +39,11 @@ class Reply:
     prompt_tokens: int
     completion_tokens: int
     attempts: int = 1
+
+
+def is_empty_reply(texts) -> bool:
+    """No choice holds any text: a failed attempt, never a final answer (neither new nor from a journal)."""
+    return not isinstance(texts, list) or not any(isinstance(t, str) and t.strip() for t in texts)
 
 
 def request_key(backend: str, model: str, prompt: Prompt, params: dict) -> str:
@@ -90,10 +96,13 @@ def load_price_table(path: str | None) -> dict[str, tuple[float, float]]:
         raise UserError(f"--price_table: {path}: expected {{model: {{prompt_per_1m, completion_per_1m}}}}")
     for model, entry in data.items():
         try:
-            table[model] = (float(entry["prompt_per_1m"]), float(entry["completion_per_1m"]))
+            prices = (float(entry["prompt_per_1m"]), float(entry["completion_per_1m"]))
         except (KeyError, TypeError, ValueError):
-            raise UserError(f"--price_table: {path}: model {model!r} needs numeric prompt_per_1m and "
-                            f"completion_per_1m") from None
+            prices = None
+        if prices is None or not all(math.isfinite(p) and p >= 0 for p in prices):
+            raise UserError(f"--price_table: {path}: model {model!r} needs prompt_per_1m and completion_per_1m "
+                            f"as numbers >= 0")
+        table[model] = prices
     return table
 
 
@@ -150,7 +159,9 @@ class Journal:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue  # cannot happen with single-write appends; tolerated rather than fatal
-            if isinstance(record, dict) and "key" in record:
+            # An empty reply journaled by an older version is asked again; the new record, appended
+            # after it, is the one that counts.
+            if isinstance(record, dict) and "key" in record and not is_empty_reply(record.get("texts")):
                 records.setdefault(record["key"], record)
         return records
 

@@ -35,6 +35,11 @@ def read_rationale_file(path: str, flag: str) -> dict[str, list]:
     data = read_json(path, f"{flag} file")
     if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
         raise UserError(f"{flag}: {path}: expected a JSON object {{question: [rationale, ...]}}")
+    for question, items in data.items():
+        for text in (question, *(item_text(item) or "" for item in items)):
+            problem = tasks.text_problem(text)
+            if problem:
+                raise UserError(f"{flag}: {path}: under question {question[:60]!r}: {problem}")
     return data
 
 

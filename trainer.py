@@ -16,13 +16,14 @@ from pathlib import Path
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
-from transformers import AutoConfig, Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import ExportableState
 
 import distributed
 from args import ORIGINAL_TRAIN_DEFAULTS, as_dict, differing_defaults
-from common import UserError, atomic_write_json, read_json, redact, set_seed
-from generation import (SamplingConfig, check_model_path, evaluate, load_tokenizer, load_weights, max_positions,
-                        tokenizer_source, torch_dtype)
+from common import UserError, atomic_write_json, check_output_dir, read_json, redact, set_seed
+from generation import (SamplingConfig, check_model_path, evaluate, load_config, load_tokenizer, load_weights,
+                        max_positions, tokenizer_source, torch_dtype)
 from losses import LossConfig, clip_self_reflection
 from shared_step import compute_tailored_loss
 from tasks import get_task, has_validation, load_demos, load_split
@@ -43,6 +44,8 @@ class TailoredTrainer(Trainer):
             self.add_callback(FirstEvalCallback(self))
         self.model_accepts_loss_kwargs = False  # our loss is a mean per batch: let Trainer scale for accumulation
         self.add_callback(EpochSeedCallback(self))
+        self.add_callback(LossTotalCallback(self))
+        self.loss_before_resume = (0, 0.0)  # (steps, summed loss) of the run this one resumes
         self._batch_sampler: UniqueQuestionBatchSampler | None = None
         self.loss_cfg = loss_cfg
         self.merge_losses = merge_losses
@@ -104,6 +107,11 @@ class TailoredTrainer(Trainer):
             self._created_lr_scheduler = True
         return self.lr_scheduler
 
+    def loss_sum(self) -> float:
+        """Summed training loss of every step so far, the resumed-from run's included."""
+        # before training starts the Trainer has no running totals yet
+        return self.loss_before_resume[1] + getattr(self, "_total_loss_scalar", 0.0) + float(getattr(self, "_tr_loss", 0.0))
+
     def log(self, logs: dict, *args, **kwargs) -> None:
         if "loss" in logs:  # a training log: add the means of our parts since the last one
             for name, values in self._running.items():
@@ -160,6 +168,23 @@ class FirstEvalCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if state.global_step == 0:
             self.trainer.evaluate()
+
+
+class LossTotalCallback(TrainerCallback, ExportableState):
+    """The summed loss of every step so far, kept inside each checkpoint's trainer_state.json (written
+    in the same file, so a kill can never separate them): a resumed run's mean loss then covers the
+    whole run (the Trainer's covers only the steps since the resume)."""
+
+    def __init__(self, trainer: "TailoredTrainer"):
+        self.trainer = trainer
+
+    def state(self) -> dict:
+        return {"args": {}, "attributes": {"loss_sum": self.trainer.loss_sum()}}
+
+    @staticmethod
+    def read(checkpoint: Path) -> float | None:
+        saved = read_json(checkpoint / "trainer_state.json").get("stateful_callbacks", {}).get("LossTotalCallback")
+        return saved["attributes"]["loss_sum"] if saved else None
 
 
 class EpochSeedCallback(TrainerCallback):
@@ -261,7 +286,10 @@ def deepspeed_config(args) -> dict:
     --max_grad_norm > 0 becomes its `gradient_clipping` when the file has none (the shipped file has
     none: the original did not clip), and a --lr_scheduler_type other than warmup_log replaces the
     file's scheduler (the shipped file's WarmupLR is warmup_log)."""
-    config = read_json(args.deepspeed, "--deepspeed config")
+    try:
+        config = read_json(args.deepspeed, "--deepspeed config")
+    except UserError as err:
+        raise UserError(f"--deepspeed: {err}") from None
     if not isinstance(config, dict):
         raise UserError(f"--deepspeed: {args.deepspeed}: expected a JSON object")
     if args.max_grad_norm > 0 and "gradient_clipping" not in config:
@@ -305,17 +333,13 @@ def run_training(args) -> dict:
     changed = differing_defaults(args, ORIGINAL_TRAIN_DEFAULTS, sys.argv[1:])
     if changed and distributed.is_main():
         print("note: defaults that differ from the original's: " + ", ".join(changed))
+    # every input is checked before anything slow (DeepSpeed's setup, data, weights) starts
     if args.deepspeed:
-        if not Path(args.deepspeed).is_file():
-            raise UserError(f"--deepspeed: config {args.deepspeed} not found")
-        distributed.ensure_single_process_env()
-        import deepspeed  # its own comm layer must know every rank before zero.Init sizes the batch
-
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    set_seed(args.seed)
+        deepspeed_config(args)
     task = get_task(args.task)
     resume_from = check_resume(args)
     output_dir = args.output_dir or (str(Path(resume_from).parent) if resume_from else default_output_dir(args))
+    check_output_dir(output_dir, "--output_dir")
     model_path = args.model_path
     flag = "--checkpoint" if args.checkpoint else "--load"
     check_model_path(model_path, flag, args.allow_pickle)
@@ -323,12 +347,18 @@ def run_training(args) -> dict:
         path = getattr(args, name)
         if path and not Path(path).is_file():
             raise UserError(f"--{name}: {path} not found")
+    if args.deepspeed:
+        distributed.ensure_single_process_env()
+        import deepspeed  # its own comm layer must know every rank before zero.Init sizes the batch
+
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    set_seed(args.seed)
 
     train = load_split(task.name, args.train_on, args.data_dir, DEBUG_TRAIN if args.debug else None, args.valid_size)
     rationale = args.teacher_data is not None
     demos = load_demos(task, rationale, args.fewshot_file, train, args.seed) if args.fewshot else ""
-    tokenizer = load_tokenizer(tokenizer_source(model_path, args.load if args.checkpoint else None), args.trust_remote_code)
-    config = AutoConfig.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
+    tokenizer = load_tokenizer(tokenizer_source(model_path, args.load if args.checkpoint else None), args.trust_remote_code, flag)
+    config = load_config(model_path, flag, args.trust_remote_code)
     max_length = min(args.max_length, max_positions(config))
     data = build_train_data(task, train, tokenizer, teacher_data=args.teacher_data, demos=demos,
                             max_length=max_length, cl_pos_path=args.cl_pos_path if args.contrastive else None,
@@ -373,14 +403,21 @@ def run_training(args) -> dict:
             resume = str(checkpoints[-1])
         elif distributed.is_main():
             print(f"--resume: no checkpoint in {output_dir} yet; starting from the beginning")
-    if resume and distributed.is_main():
-        print(f"resuming from {resume}")
+    if resume:
+        if distributed.is_main():
+            print(f"resuming from {resume}")
+        loss_sum = LossTotalCallback.read(Path(resume))
+        if loss_sum is not None:
+            trainer.loss_before_resume = (read_json(Path(resume) / "trainer_state.json")["global_step"], loss_sum)
     result = trainer.train(resume_from_checkpoint=resume)
+    steps_before, loss_before = trainer.loss_before_resume
+    steps_now = trainer.state.global_step - steps_before
+    train_loss = (loss_before + result.training_loss * steps_now) / max(trainer.state.global_step, 1)
 
     final = Path(output_dir) / "final"
     trainer.save_model(str(final))  # gathers ZeRO-3 shards into one safetensors file
     summary = {"output_dir": output_dir, "final_checkpoint": str(final), "steps": trainer.state.global_step,
-               "train_loss": result.training_loss, "seconds": round(time.time() - started, 1),
+               "train_loss": train_loss, "seconds": round(time.time() - started, 1),
                "data": data.counts, "eval": trainer.eval_history}
     if trainer.is_world_process_zero():
         (final / "training_args.bin").unlink(missing_ok=True)  # a pickle; run_args.json says the same in JSON

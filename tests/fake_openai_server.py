@@ -10,6 +10,9 @@ request whose prompt contains a text (`always`):
   "slow"       sleeps `slow_s` before answering (trips the client's timeout)
   "malformed"  200 with a body that is not JSON
   "empty"      200 with empty message contents
+  "blank"      200 whose message contents are only whitespace
+  "nochoices"  200 with an empty list of choices
+  "drop"       closes the connection without answering (the client sees a connection error)
   "wrong"      200 with a wrong final answer
   "401"        authentication error
   "400"        bad request (this request only)
@@ -110,13 +113,14 @@ class FakeOpenAIServer:
         if fault == "wrong":
             answer = _wrong(answer)
         n = int(body.get("n") or 1)
-        texts = ["" if fault == "empty" else
+        texts = ["" if fault == "empty" else " \n " if fault == "blank" else
                  f"{OPENERS[i % len(OPENERS)]} Variant {i}: the facts in the question lead to the result. "
                  f"Therefore, the answer is {answer}." for i in range(n)]
+        choices = [] if fault == "nochoices" else [
+            {"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": "stop", "logprobs": None}
+            for i, t in enumerate(texts)]
         return {"id": f"chatcmpl-fake{self.attempts}", "object": "chat.completion", "created": int(time.time()),
-                "model": body.get("model", "fake"),
-                "choices": [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": "stop",
-                             "logprobs": None} for i, t in enumerate(texts)],
+                "model": body.get("model", "fake"), "choices": choices,
                 "usage": {"prompt_tokens": len(prompt) // 4, "completion_tokens": sum(len(t) // 4 for t in texts),
                           "total_tokens": len(prompt) // 4 + sum(len(t) // 4 for t in texts)}}
 
@@ -194,6 +198,9 @@ class _Handler(BaseHTTPRequestHandler):
             time.sleep(server.slow_s)
         if fault == "malformed":
             return self._send(200, b'{"id": "chatcmpl-broken", "choices": [')
+        if fault == "drop":
+            self.close_connection = True
+            return  # nothing written: the client's read ends without a response
         reply = server.answer(body, fault)
         with server._lock:
             server.completed += 1

@@ -187,10 +187,10 @@ def test_judge(task, text, gold, expected):
 
 def test_journal_ignores_and_repairs_truncated_tail(tmp_path):
     path = tmp_path / "journal.jsonl"
-    path.write_text('{"key": "a", "texts": []}\n{"key": "b", "texts": []}\n{"key": "c", "tex')
+    path.write_text('{"key": "a", "texts": ["x"]}\n{"key": "b", "texts": ["x"]}\n{"key": "c", "tex')
     journal = teacher_journal.Journal(path)
     assert set(journal.load()) == {"a", "b"}
-    journal.append({"key": "d", "texts": []})
+    journal.append({"key": "d", "texts": ["x"]})
     journal.close()
     assert [json.loads(line)["key"] for line in path.read_text().splitlines()] == ["a", "b", "d"]
 
@@ -294,13 +294,15 @@ def test_dry_run_sends_and_writes_nothing(tmp_path, server, capsys, monkeypatch)
     assert "no request was made" in capsys.readouterr().out
 
 
-def test_empty_replies_are_counted_rejections(tmp_path, server, with_key):
+def test_empty_replies_are_retried_and_never_journaled(tmp_path, server, with_key):
     data_dir = make_data_dir(tmp_path, n=3)
     empty_question = tasks.load_split("wordmath", "train", str(data_dir))[0].question
     server.always[empty_question] = "empty"
-    summary = collect(openai_argv(server, data_dir, tmp_path / "o"))
-    assert summary["samples"]["rejected_by_reason"] == {"empty": 2}
+    with pytest.raises(teacher.CollectionFailed, match="1 of 3 requests failed .*empty reply") as failed:
+        collect(openai_argv(server, data_dir, tmp_path / "o", "--max_retries", "2"))
+    assert failed.value.summary["requests"]["failed"] == 1 and server.attempts == 3 + 2
     assert empty_question not in read_data(tmp_path / "o") and len(read_data(tmp_path / "o")) == 2
+    assert all(r["question"] != empty_question for r in journal_lines(tmp_path / "o"))
 
 
 def test_exhausted_retries_and_bad_requests_fail_alone_then_rerun_fills_in(tmp_path, server, with_key):
@@ -308,15 +310,18 @@ def test_exhausted_retries_and_bad_requests_fail_alone_then_rerun_fills_in(tmp_p
     questions = [ex.question for ex in tasks.load_split("wordmath", "train", str(data_dir))]
     server.always = {questions[0]: "500", questions[1]: "400"}
     out = tmp_path / "o"
-    summary = collect(openai_argv(server, data_dir, out, "--max_retries", "2", "--concurrency", "1"))
+    with pytest.raises(teacher.CollectionFailed, match="2 of 4 requests failed") as failed:
+        collect(openai_argv(server, data_dir, out, "--max_retries", "2", "--concurrency", "1"))
+    summary = failed.value.summary
     assert summary["requests"]["failed"] == 2 and summary["requests"]["new"] == 2
+    assert teacher.read_summary(out) is None  # the round driver runs such a stage again
     assert server.attempts == 3 + 1 + 2  # 500 retried twice, 400 not retried
     assert sorted(read_data(out)) == sorted(questions[2:])
     reasons = [json.loads(line)["reason"] for line in (out / "teacher_provenance.jsonl").read_text().splitlines()]
     assert sum(r.startswith("request_failed") for r in reasons) == 2
     server.always = {}
     summary = collect(openai_argv(server, data_dir, out))
-    assert summary["requests"]["new"] == 2 and len(read_data(out)) == 4
+    assert summary["requests"]["new"] == 2 and len(read_data(out)) == 4 and teacher.read_summary(out)
 
 
 def test_concurrency_is_bounded(tmp_path, with_key):

@@ -82,7 +82,8 @@ def plain_command(student, data_dir, teacher, negatives, out, *extra):
 
 def test_killed_run_resumes_from_its_last_checkpoint(tiny_student, data_dir, teacher_files, tmp_path):
     out = tmp_path / "run3"
-    argv = plain_command(tiny_student, data_dir, *teacher_files, out, "--epoch", "40", "--resume", "yes")
+    argv = plain_command(tiny_student, data_dir, *teacher_files, out, "--logging_steps", "1", "--epoch", "40",
+                         "--resume", "yes")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -101,6 +102,10 @@ def test_killed_run_resumes_from_its_last_checkpoint(tiny_student, data_dir, tea
     summary = json.loads((out / "train_summary.json").read_text())
     steps_per_epoch = saved[0]  # the first checkpoint is written at the end of epoch 1
     assert summary["steps"] == 3 * steps_per_epoch
+    # the mean loss covers the whole run, the steps before the kill included (every step is logged)
+    history = json.loads((out / f"checkpoint-{summary['steps']}" / "trainer_state.json").read_text())["log_history"]
+    losses = [e["loss"] for e in history if "loss" in e and "train_loss" not in e]
+    assert len(losses) == summary["steps"] and summary["train_loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-3)
 
 
 def test_merge_losses_no_runs_two_backward_passes(tiny_student, data_dir, teacher_files, tmp_path):

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from args import RoundsArguments, parse
-from common import cli_main
+from common import UserError, cli_main
 from rounds import Interrupted, RoundDriver, StageFailed, run_command, stop_on_signals
 
 EMBEDDED_TASKS = ("wordmath", "gsm_symbolic")
@@ -33,11 +33,22 @@ def prepare_embedded(args: RoundsArguments) -> None:
                      "--out", args.student, "--warm_steps", str(args.warm_steps)], logs / "build_student.log")
 
 
+def check_learning_rate(args: RoundsArguments, argv: list[str]) -> None:
+    """The default rate was tuned for the embedded 0.9M student: a real model must be given its own."""
+    given = any(a.split("=", 1)[0] in ("--lr", "--learning_rate") for a in argv)
+    if args.student != EMBEDDED_STUDENT and not given:
+        raise UserError(f"--lr: required with --student {args.student} (the default {args.learning_rate:g} was tuned for "
+                        f"the embedded 0.9M student; the paper trained GPT-J-6B at 7e-6)")
+    print(f"student {args.student}: learning rate {args.learning_rate:g}, batch {args.per_device_train_batch_size} "
+          f"per process, {args.num_train_epochs:g} epoch(s) per round", flush=True)
+
+
 @cli_main
 def main() -> None:
     stop_on_signals()
     try:
         args = parse(RoundsArguments)
+        check_learning_rate(args, sys.argv[1:])
         if args.exam_limit == 0:
             args.exam_limit = None
         prepare_embedded(args)

@@ -23,7 +23,8 @@ and so do gradients except with --cl_anchor full. Forwards always run on every r
 no row of the batch has a triplet, because ZeRO-3 gathers parameters collectively inside each
 forward. Parameters are never touched directly: everything goes through the (possibly wrapped)
 model's forward, and final hidden states are read with a forward hook on the base model, so
-DeepSpeed/DDP wrappers work. The cache and keyword renames of transformers 5.x live here too.
+DeepSpeed/DDP wrappers and peft's PeftModel (--lora_r) work. The cache and keyword renames of
+transformers 5.x live here too.
 """
 from __future__ import annotations
 
@@ -40,11 +41,20 @@ from losses import (CONTRAST_LOSSES, ContrastInputs, LossConfig, clip_self_refle
 
 # ---------------------------------------------------------------- model plumbing
 
+def _is_peft(model: torch.nn.Module) -> bool:
+    return type(model).__module__.split(".")[0] == "peft" and callable(getattr(model, "get_base_model", None))
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The HF model inside DDP / DeepSpeedEngine / accelerate wrappers (they all keep it in .module)."""
-    while isinstance(getattr(model, "module", None), torch.nn.Module):
-        model = model.module
-    return model
+    """The HF model inside DDP / DeepSpeedEngine / accelerate wrappers (they all keep it in .module)
+    and inside a peft `PeftModel` (--lora_r > 0: the HF model with the adapters injected)."""
+    while True:
+        if isinstance(getattr(model, "module", None), torch.nn.Module):
+            model = model.module
+        elif _is_peft(model):
+            model = model.get_base_model()
+        else:
+            return model
 
 
 def _forward_params(model: torch.nn.Module) -> set[str]:

@@ -25,7 +25,7 @@ from common import UserError, atomic_write_json, check_output_dir, read_json, re
 from generation import (SamplingConfig, check_model_path, evaluate, load_config, load_tokenizer, load_weights,
                         max_positions, tokenizer_source, torch_dtype)
 from losses import LossConfig, clip_self_reflection
-from shared_step import compute_tailored_loss
+from shared_step import compute_tailored_loss, unwrap
 from tasks import get_task, has_validation, load_demos, load_split
 from train_data import TailoredCollator, TailoredDataset, UniqueQuestionBatchSampler, build_train_data
 
@@ -239,6 +239,132 @@ class SaveExtrasCallback(TrainerCallback):
                 {"checkpoint": f"checkpoint-{ranked[0]}", "eval_accuracy": accuracy[ranked[0]]}) + "\n")
 
 
+# ---------------------------------------------------------------- LoRA (--lora_r > 0, through peft)
+
+ADAPTER_DIR = "final_adapter"  # beside <output_dir>/final: the adapter alone
+ATTENTION_PARTS = ("attn", "attention")  # a module path through one of these is an attention projection
+
+
+def _linear_layers(model: torch.nn.Module) -> list[str]:
+    """Names of the linear layers (nn.Linear, GPT-2's Conv1D) other than the LM head."""
+    from transformers.pytorch_utils import Conv1D
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [name for name, module in model.named_modules()
+            if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not head and name]
+
+
+def _matches(name: str, target: str) -> bool:
+    return name == target or name.endswith("." + target)  # peft's rule for a list of target names
+
+
+def lora_targets(model: torch.nn.Module, spec: str = "auto") -> list[str]:
+    """--lora_targets: module names (peft matches them as name suffixes). auto: the linear layers inside
+    attention modules (q_proj,k_proj,v_proj,o_proj for Llama/Qwen/Mistral, q/k/v_proj,out_proj for GPT-J,
+    c_attn,attn.c_proj for GPT-2), else every linear layer but the LM head. A name also used outside
+    attention (GPT-2's MLP has a c_proj too) is qualified with its parent module's name."""
+    linear = _linear_layers(model)
+    if spec.strip() != "auto":
+        names = [name.strip() for name in spec.split(",")]
+        modules = [name for name, _ in model.named_modules() if name]
+        missing = [target for target in names if not any(_matches(name, target) for name in modules)]
+        if missing:
+            leaves = sorted({name.rsplit(".", 1)[-1] for name in linear})
+            raise UserError(f"--lora_targets: no module named {', '.join(missing)} in this model "
+                            f"(its linear layers: {', '.join(leaves) or 'none'})")
+        return names
+    chosen = [name for name in linear
+              if any(part in piece.lower() for piece in name.split(".")[:-1] for part in ATTENTION_PARTS)] or linear
+    if not chosen:
+        raise UserError("--lora_r: this model has no linear layer to put LoRA adapters on")
+    targets: list[str] = []
+    for leaf in dict.fromkeys(name.rsplit(".", 1)[-1] for name in chosen):
+        if any(_matches(name, leaf) for name in linear if name not in chosen):
+            targets += dict.fromkeys(".".join(name.split(".")[-2:]) for name in chosen if _matches(name, leaf))
+        else:
+            targets.append(leaf)
+    return targets
+
+
+def check_lora_deepspeed(args, ds_config: dict) -> None:
+    """LoRA under ZeRO-3 writes the merged final checkpoint from the gathered 16-bit weights."""
+    zero = ds_config.get("zero_optimization") or {}
+    if args.lora_r and zero.get("stage") == 3 and not (zero.get("stage3_gather_16bit_weights_on_model_save")
+                                                       or zero.get("gather_16bit_weights_on_model_save")):
+        raise UserError(f"--lora_r with ZeRO-3 needs \"stage3_gather_16bit_weights_on_model_save\": true in "
+                        f"{args.deepspeed} (the merged final checkpoint is written from the gathered weights)")
+
+
+def add_lora(model: torch.nn.Module, args) -> torch.nn.Module:
+    """The model wrapped in a peft PeftModel with LoRA adapters on --lora_targets; only they train."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise UserError("--lora_r > 0 needs peft: pip install peft==0.21.2") from None
+    from transformers.pytorch_utils import Conv1D
+
+    targets = lora_targets(model, args.lora_targets)
+    if distributed.is_main():
+        print(f"lora targets ({args.lora_targets.strip()}): " + ",".join(targets))
+    # GPT-2's Conv1D stores its weight transposed: peft must know (it would warn and guess otherwise)
+    fan_in_fan_out = any(isinstance(module, Conv1D) for name, module in model.named_modules()
+                         if any(_matches(name, target) for target in targets))
+    config = LoraConfig(task_type="CAUSAL_LM", r=args.lora_r, lora_alpha=args.lora_alpha,
+                        lora_dropout=args.lora_dropout, target_modules=targets, fan_in_fan_out=fan_in_fan_out)
+    try:
+        model = get_peft_model(model, config)
+    except (ValueError, TypeError) as err:
+        raise UserError(f"--lora_targets {args.lora_targets}: {err}") from None
+    trainable, total = model.get_nb_trainable_parameters()  # counts ZeRO-3 partitioned parameters whole
+    if distributed.is_main():
+        print(f"lora: r {args.lora_r}, alpha {args.lora_alpha:g}, dropout {args.lora_dropout:g}; trainable parameters "
+              f"{trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%)")
+    return model
+
+
+def lora_layers(peft_model: torch.nn.Module, adapter: str = "default") -> dict[str, tuple[float, bool]]:
+    """{module name in the PeftModel's state dict: (scaling, fan_in_fan_out)} of every LoRA layer."""
+    from peft.tuners.lora import LoraLayer
+
+    return {name: (module.scaling[adapter], bool(getattr(module, "fan_in_fan_out", False)))
+            for name, module in peft_model.named_modules() if isinstance(module, LoraLayer) and adapter in module.scaling}
+
+
+def merge_lora_state(state: dict, layers: dict[str, tuple[float, bool]], adapter: str = "default",
+                     prefix: str = "base_model.model.") -> dict:
+    """The plain HF state dict of a PeftModel's full state dict: W + scaling * B @ A in each LoRA layer
+    (transposed for fan_in_fan_out layers), adapter tensors dropped, peft's prefixes removed."""
+    merged = {}
+    for key, value in state.items():
+        if any(part.startswith("lora_") for part in key.split(".")):
+            continue
+        name = key[len(prefix):] if key.startswith(prefix) else key
+        module, _, leaf = key.rpartition(".")
+        if module.endswith(".base_layer") and leaf == "weight" and module[:-len(".base_layer")] in layers:
+            owner = module[:-len(".base_layer")]
+            scaling, fan_in_fan_out = layers[owner]
+            delta = state[f"{owner}.lora_B.{adapter}.weight"].float() @ state[f"{owner}.lora_A.{adapter}.weight"].float()
+            value = (value.float() + scaling * (delta.T if fan_in_fan_out else delta)).to(value.dtype)
+        merged[name.replace(".base_layer.", ".")] = value
+    return merged
+
+
+def save_lora(trainer: "TailoredTrainer", final: Path, adapter_dir: Path) -> None:
+    """<output_dir>/final: the merged model as a plain HF checkpoint (what infer.py and the next round
+    load); <output_dir>/final_adapter: the adapter alone. Under ZeRO-3 every rank joins the gather."""
+    peft_model = trainer.model
+    layers = lora_layers(peft_model)
+    if trainer.is_deepspeed_enabled:
+        state = trainer.accelerator.get_state_dict(trainer.deepspeed)  # collective; only rank 0 gets the weights
+    else:
+        state = peft_model.state_dict()
+    if trainer.is_world_process_zero():
+        peft_model.save_pretrained(str(adapter_dir), state_dict=state)  # keeps the adapter's tensors only
+        unwrap(peft_model).save_pretrained(str(final), state_dict=merge_lora_state(state, layers))
+        trainer.processing_class.save_pretrained(str(final))
+    distributed.barrier()
+
+
 # ---------------------------------------------------------------- setup of a run
 
 DEBUG_TRAIN, DEBUG_EVAL = 97, 33  # --debug sizes, the original's
@@ -335,7 +461,7 @@ def run_training(args) -> dict:
         print("note: defaults that differ from the original's: " + ", ".join(changed))
     # every input is checked before anything slow (DeepSpeed's setup, data, weights) starts
     if args.deepspeed:
-        deepspeed_config(args)
+        check_lora_deepspeed(args, deepspeed_config(args))
     task = get_task(args.task)
     resume_from = check_resume(args)
     output_dir = args.output_dir or (str(Path(resume_from).parent) if resume_from else default_output_dir(args))
@@ -368,6 +494,11 @@ def run_training(args) -> dict:
     sample_teacher_rows(data, args.teacher_data_random, args.seed)
     if distributed.is_main():
         print("training data: " + ", ".join(f"{k} {v}" for k, v in data.counts.items()))
+        world = distributed.world_size()
+        print(f"optimisation: learning rate {args.learning_rate:g} ({args.lr_scheduler_type}, {args.warmup_steps} warm-up "
+              f"steps), batch {args.per_device_train_batch_size} per process x {world} process(es) x "
+              f"{args.gradient_accumulation_steps} accumulation = {args.per_device_train_batch_size * world * args.gradient_accumulation_steps}"
+              f" rows per step, gradient clipping {args.max_grad_norm or 'off'}")
     eval_setup = None
     if args.do_eval:
         eval_split = args.eval_split or ("validation" if has_validation(task.name, args.valid_size) else args.test_on)
@@ -386,6 +517,8 @@ def run_training(args) -> dict:
     model = load_weights(model_path, flag, args.allow_pickle, trust_remote_code=args.trust_remote_code)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    if args.lora_r > 0:
+        model = add_lora(model, args)
 
     trainer = TailoredTrainer(
         model=model, args=training_args, train_dataset=TailoredDataset(data, seed=args.seed),
@@ -415,7 +548,10 @@ def run_training(args) -> dict:
     train_loss = (loss_before + result.training_loss * steps_now) / max(trainer.state.global_step, 1)
 
     final = Path(output_dir) / "final"
-    trainer.save_model(str(final))  # gathers ZeRO-3 shards into one safetensors file
+    if args.lora_r > 0:
+        save_lora(trainer, final, Path(output_dir) / ADAPTER_DIR)
+    else:
+        trainer.save_model(str(final))  # gathers ZeRO-3 shards into one safetensors file
     summary = {"output_dir": output_dir, "final_checkpoint": str(final), "steps": trainer.state.global_step,
                "train_loss": train_loss, "seconds": round(time.time() - started, 1),
                "data": data.counts, "eval": trainer.eval_history}

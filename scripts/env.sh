@@ -7,10 +7,11 @@ if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
 STAMP="$VENV/.requirements.sha256"
-WANT="$(sha256sum "$ROOT/requirements.txt" | cut -d' ' -f1)"
+WANT="$(cat "$ROOT/requirements.txt" "$ROOT/requirements-nodeps.txt" | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
   echo "installing requirements into $VENV ..."
   "$VENV/bin/pip" install --disable-pip-version-check -q -r "$ROOT/requirements.txt"
+  "$VENV/bin/pip" install --disable-pip-version-check -q --no-deps -r "$ROOT/requirements-nodeps.txt"
   echo "$WANT" > "$STAMP"
 fi
 # shellcheck disable=SC1091

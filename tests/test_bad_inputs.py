@@ -99,6 +99,7 @@ CASES = {
     "rounds unknown arm": Case("rounds", ["--arms", "lm,magic"], "--arms"),
     "rounds unknown backend": Case("rounds", ["--backend", "carrier-pigeon"], "--backend"),
     "rounds lr -1": Case("rounds", ["--lr", "-1"], "--lr"),
+    "rounds real student without lr": Case("rounds", [], "--lr"),  # the toy student's rate is not a default for others
 }
 
 

@@ -111,7 +111,8 @@ def test_stage_commands_parse_back_into_each_scripts_arguments(tmp_path):
 
     driver = RoundDriver(parse(RoundsArguments, [
         "--workdir", str(tmp_path), "--lr", "3e-4", "--train_bsz", "8", "--epoch", "2", "--fewshot", "yes",
-        "--cl_p", "0.3", "--deepspeed", "ds_stage3_config.json", "--valid_size", "7", "--seed", "5"]))
+        "--cl_p", "0.3", "--deepspeed", "ds_stage3_config.json", "--valid_size", "7", "--seed", "5", "--lora_r", "8",
+        "--lora_alpha", "32", "--lora_dropout", "0.1", "--lora_targets", "q_proj,v_proj"]))
     argv = driver.train_command("ck", "t.json", "n.json", tmp_path / "train", True)
     assert argv[1] == "run_trainer.py" and "--lr" in argv and "--learning_rate" not in argv
     train = parse(TrainArguments, argv[2:])
@@ -119,6 +120,10 @@ def test_stage_commands_parse_back_into_each_scripts_arguments(tmp_path):
             train.deepspeed, train.contrastive, train.checkpoint, train.valid_size, train.seed, train.resume,
             train.max_grad_norm, train.lr_scheduler_type, train.cl_neg_form) == \
         (3e-4, 8, 2, 0.3, True, "ds_stage3_config.json", True, "ck", 7, 5, "yes", 1.0, "constant_with_warmup", "gold")
+    assert (train.lora_r, train.lora_alpha, train.lora_dropout, train.lora_targets) == (8, 32, 0.1, "q_proj,v_proj")
+    default = parse(TrainArguments, RoundDriver(parse(RoundsArguments, ["--workdir", str(tmp_path)])).train_command(
+        "ck", "t.json", "n.json", tmp_path / "train", False)[2:])
+    assert (default.lora_r, default.lora_alpha, default.lora_dropout, default.lora_targets) == (0, 16, 0.05, "auto")
     exam = parse(ExamArguments, driver.exam_command("ck", tmp_path / "exam")[2:])
     assert (exam.num_return_sequences, exam.limit, exam.max_new_tokens, exam.batch, exam.test_on, exam.rationale) == \
         (4, 600, 160, 32, "train", True)

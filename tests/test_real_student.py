@@ -58,8 +58,9 @@ def logits(folder: Path, text: str) -> torch.Tensor:
         return model(**tokenizer(text, return_tensors="pt")).logits
 
 
-@pytest.mark.parametrize("deepspeed", [False, True], ids=["plain", "zero3"])
-def test_training_steps_with_the_triplet_loss(deepspeed, smollm2, data_dir, teacher_files, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--deepspeed", "ds_stage3_config.json"], ["--lora_r", "4"]],
+                         ids=["plain", "zero3", "lora"])
+def test_training_steps_with_the_triplet_loss(extra, smollm2, data_dir, teacher_files, tmp_path):
     """A constant rate: the original's log warm-up would run both steps at 0 (DeepSpeed's WarmupLR starts there)."""
     teacher, negatives = teacher_files
     out = tmp_path / "run"
@@ -67,7 +68,7 @@ def test_training_steps_with_the_triplet_loss(deepspeed, smollm2, data_dir, teac
                         "--teacher_data", str(teacher), "--contrastive", "yes", "--cl_pos_path", str(teacher),
                         "--cl_neg_path", str(negatives), "--train_bsz", "2", "--lr", "1e-4", "--lr_scheduler_type", "constant",
                         "--max_steps", "2", "--logging_steps", "1", "--max_length", "160", "--output_dir", str(out),
-                        *(["--deepspeed", "ds_stage3_config.json"] if deepspeed else []), timeout=900)
+                        *extra, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
     logged = [e for e in state["log_history"] if "cl_loss" in e]
@@ -76,3 +77,5 @@ def test_training_steps_with_the_triplet_loss(deepspeed, smollm2, data_dir, teac
     probe = "Question: Tom has 3 apples and buys 4 more. How many apples does he have?\nReasoning:"
     before, after = logits(smollm2, probe), logits(out / "final", probe)
     assert before.shape == after.shape and not torch.allclose(before, after)  # trained, saved, reloads
+    if "--lora_r" in extra:  # the adapter alone beside the merged model
+        assert (out / "final_adapter" / "adapter_config.json").is_file()

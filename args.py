@@ -187,7 +187,28 @@ ORIGINAL_TRAIN_DEFAULTS = {"merge_losses": False, "weight_decay": 0.1, "learning
 
 
 @dataclass
-class TrainArguments(ModelArguments, DataArguments):
+class LoraArguments:
+    """LoRA flags, shared by run_trainer.py and the round driver (which passes them on by name)."""
+    BOUNDS: ClassVar[dict] = {"lora_r": ">=0", "lora_alpha": ">0", "lora_dropout": ">=0"}
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank (peft): R > 0 trains low-rank adapters on --lora_targets only; <output_dir>/final "
+                                                     "is the merged model, <output_dir>/final_adapter the adapter. 0: full fine-tuning."})
+    lora_alpha: float = field(default=16, metadata={"help": "LoRA alpha (the update is scaled by alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout, in [0, 1)."})
+    lora_targets: str = field(default="auto", metadata={"help": "Comma list of module names given adapters, or auto: the attention "
+                                                                "projections found in the model (q_proj,k_proj,v_proj,o_proj for Llama/Qwen/Mistral; "
+                                                                "c_attn,attn.c_proj for GPT-2), else every linear layer but the LM head."})
+
+    def check_lora(self) -> None:
+        """The checks that BOUNDS cannot say (dropout below 1, a target list)."""
+        if isinstance(self.lora_dropout, (int, float)) and self.lora_dropout >= 1:
+            raise UserError(f"--lora_dropout must be a number < 1, got {self.lora_dropout}")
+        names = [name.strip() for name in self.lora_targets.split(",")]
+        if not all(names):
+            raise UserError(f"--lora_targets: expected auto or a comma list of module names, got {self.lora_targets!r}")
+
+
+@dataclass
+class TrainArguments(ModelArguments, DataArguments, LoraArguments):
     """Flags of the original README's training command, with its defaults (SPEC §5).
 
     Fields named like a `transformers.TrainingArguments` field are handed to it as they are
@@ -198,7 +219,7 @@ class TrainArguments(ModelArguments, DataArguments):
         "learning_rate": ">0", "weight_decay": ">=0", "warmup_steps": ">=0", "max_grad_norm": ">=0", "max_length": ">=2",
         "cl_pos_num": ">=1", "cl_neg_num": ">=1", "cl_p": ">=0", "cl_ratio": ">=0", "mle_w": ">=0", "eval_limit": ">=0",
         "save_best": ">=0", "save_steps": ">0", "logging_steps": ">=1", "world_size": ">=0", "rank_offset": ">=0",
-        "valid_size": ">=0", "num_train_epochs": ">=0", "lora_r": ">=0", "lora_alpha": ">0", "lora_dropout": ">=0"}
+        "valid_size": ">=0", "num_train_epochs": ">=0", **LoraArguments.BOUNDS}
     teacher_data: str | None = field(default=None, metadata={"help": "Teacher rationales {question: [rationale, ...]}; without it: answer-only training on gold answers."})
     teacher_data_random: str = field(default="1.0", metadata={"help": "P in [0, 1]: keep each teacher rationale with probability P (the original's; "
                                                                      "1.0 keeps all), or 'one': one seeded pick per question (the others stay positives)."})
@@ -220,13 +241,6 @@ class TrainArguments(ModelArguments, DataArguments):
     max_grad_norm: float = field(default=0.0, metadata={"help": "Gradient clipping norm; 0: no clipping, as the original's DeepSpeed config."})
     max_length: int = field(default=1024, metadata={"help": "Longest training sequence in tokens (prompt truncated from the left)."})
     deepspeed: str | None = field(default=None, metadata={"help": "DeepSpeed config, e.g. ds_stage3_config.json (ZeRO-3)."})
-    lora_r: int = field(default=0, metadata={"help": "LoRA rank (peft): R > 0 trains low-rank adapters on --lora_targets only; <output_dir>/final "
-                                                     "is the merged model, <output_dir>/final_adapter the adapter. 0: full fine-tuning."})
-    lora_alpha: float = field(default=16, metadata={"help": "LoRA alpha (the update is scaled by alpha / r)."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout, in [0, 1)."})
-    lora_targets: str = field(default="auto", metadata={"help": "Comma list of module names given adapters, or auto: the attention "
-                                                                "projections found in the model (q_proj,k_proj,v_proj,o_proj for Llama/Qwen/Mistral; "
-                                                                "c_attn,attn.c_proj for GPT-2), else every linear layer but the LM head."})
     contrastive: bool = field(default=False, metadata={"help": "Add the self-reflection triplet loss."})
     cl_pos_path: str | None = field(default=None, metadata={"help": "Positives: teacher rationales {question: [...]}."})
     cl_neg_path: str | None = field(default=None, metadata={"help": "Negatives: the student's wrong rationales {question: [...]}."})
@@ -288,7 +302,7 @@ class TrainArguments(ModelArguments, DataArguments):
             raise UserError("--do_first_eval evaluates before training: it needs --do_eval yes")
         if self.max_grad_norm < 0:
             raise UserError(f"--max_grad_norm must be >= 0 (0: no clipping), got {self.max_grad_norm}")
-        check_lora(self)
+        self.check_lora()
 
     @property
     def resume_path(self) -> str | None:
@@ -300,17 +314,8 @@ class TrainArguments(ModelArguments, DataArguments):
         return self.resume_path is not None or self.resume.lower() in ("yes", "true", "1")
 
 
-def check_lora(args) -> None:
-    """The LoRA flags' checks that BOUNDS cannot say (dropout below 1, a target list)."""
-    if isinstance(args.lora_dropout, (int, float)) and args.lora_dropout >= 1:
-        raise UserError(f"--lora_dropout must be a number < 1, got {args.lora_dropout}")
-    names = [name.strip() for name in args.lora_targets.split(",")]
-    if not all(names):
-        raise UserError(f"--lora_targets: expected auto or a comma list of module names, got {args.lora_targets!r}")
-
-
 @dataclass
-class RoundsArguments:
+class RoundsArguments(LoraArguments):
     """The round driver. Defaults run the embedded demo: wordmath, the offline teacher, a tiny student, CPU.
 
     A field named like a field of a stage's arguments (InferArguments, ExamArguments, TeacherArguments,
@@ -320,7 +325,7 @@ class RoundsArguments:
         "exam_max_new_tokens": ">=1", "num_train_epochs": ">=0", "per_device_train_batch_size": ">=1",
         "learning_rate": ">0", "warmup_steps": ">=0", "max_grad_norm": ">=0", "cl_ratio": ">=0", "cl_p": ">=0",
         "valid_size": ">=0", "eval_limit": ">=0", "eval_batch": ">=1", "warm_steps": ">=0",
-        "max_consecutive_failures": ">=0", "lora_r": ">=0", "lora_alpha": ">0", "lora_dropout": ">=0"}
+        "max_consecutive_failures": ">=0", **LoraArguments.BOUNDS}
     task: str = field(default="wordmath", metadata={"help": "Task (see tasks.py)."})
     data_dir: str = field(default="localdataset", metadata={"help": "Dataset root."})
     student: str = field(default="checkpoints/wordmath-student", metadata={"help": "Round-0 student (hub name or folder). The embedded one is built if missing."})
@@ -363,13 +368,6 @@ class RoundsArguments:
     cl_anchor: str = field(default="detached", metadata={"help": "Anchor: detached (re-read on the no-grad prompt, the original) or full (from the LM forward)."})
     bf16: bool = field(default=False, metadata={"help": "bf16 weights in every stage (training, exam, evaluation)."})
     deepspeed: str | None = field(default=None, metadata={"help": "DeepSpeed config for training, e.g. ds_stage3_config.json."})
-    lora_r: int = field(default=0, metadata={"help": "LoRA rank of every round's training (see run_trainer.py --help): the next round and "
-                                                     "the evaluation read the merged <train>/final. 0: full fine-tuning."})
-    lora_alpha: float = field(default=16, metadata={"help": "LoRA alpha (the update is scaled by alpha / r)."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout, in [0, 1)."})
-    lora_targets: str = field(default="auto", metadata={"help": "Comma list of module names given adapters, or auto: the attention "
-                                                                "projections found in the model (q_proj,k_proj,v_proj,o_proj for Llama/Qwen/Mistral; "
-                                                                "c_attn,attn.c_proj for GPT-2), else every linear layer but the LM head."})
     eval_splits: str = field(default="validation,test", metadata={"help": "Splits evaluated after each round (choose settings on "
                                                                         "validation; test is for the reported number)."})
     valid_size: int = field(default=500, metadata={"help": "Hub tasks (no validation split): N train items held out as validation "
@@ -389,7 +387,7 @@ class RoundsArguments:
         splits = self.eval_splits.split(",")
         if not all(splits) or len(set(splits)) != len(splits):
             raise UserError(f"--eval_splits: expected a comma list of split names, got {self.eval_splits!r}")
-        check_lora(self)
+        self.check_lora()
         if self.base_url:  # before round 0's evaluation, not when the teacher stage comes
             from teacher_backends import check_base_url
             check_base_url(self.base_url)

@@ -182,9 +182,11 @@ class LossTotalCallback(TrainerCallback, ExportableState):
         return {"args": {}, "attributes": {"loss_sum": self.trainer.loss_sum()}}
 
     @staticmethod
-    def read(checkpoint: Path) -> float | None:
-        saved = read_json(checkpoint / "trainer_state.json").get("stateful_callbacks", {}).get("LossTotalCallback")
-        return saved["attributes"]["loss_sum"] if saved else None
+    def read(checkpoint: Path) -> tuple[int, float] | None:
+        """(steps, summed loss) saved in `checkpoint`, or None for a checkpoint written without it."""
+        state = read_json(checkpoint / "trainer_state.json")
+        saved = state.get("stateful_callbacks", {}).get("LossTotalCallback")
+        return (state["global_step"], saved["attributes"]["loss_sum"]) if saved else None
 
 
 class EpochSeedCallback(TrainerCallback):
@@ -392,14 +394,14 @@ NOT_PASSED_TO_TRAINER = {"fp16", "bf16", "output_dir", "do_eval", "local_rank", 
                          "logging_steps"}
 
 
-def training_arguments(args, output_dir: str, bf16: bool, fp16: bool) -> TrainingArguments:
+def training_arguments(args, output_dir: str, bf16: bool, fp16: bool, ds_config: dict | None = None) -> TrainingArguments:
     """TrainingArguments from every TrainArguments field of the same name, plus what this repo fixes."""
     shared = {f.name for f in fields(TrainingArguments)} & {f.name for f in fields(args)} - NOT_PASSED_TO_TRAINER
     cpu = not torch.cuda.is_available()
     return TrainingArguments(
         **{name: getattr(args, name) for name in shared}, output_dir=output_dir, bf16=bf16, fp16=fp16,
         lr_scheduler_type="constant" if args.lr_scheduler_type == WARMUP_LOG else args.lr_scheduler_type,  # see create_scheduler
-        deepspeed=deepspeed_config(args) if args.deepspeed else None,
+        deepspeed=ds_config,  # deepspeed_config(args), read once by run_training
         logging_steps=1 if args.debug else args.logging_steps,
         use_cpu=cpu, ddp_backend="gloo" if cpu and distributed.world_size() > 1 else None,
         eval_strategy="epoch" if args.do_eval else "no", logging_first_step=True,
@@ -460,8 +462,9 @@ def run_training(args) -> dict:
     if changed and distributed.is_main():
         print("note: defaults that differ from the original's: " + ", ".join(changed))
     # every input is checked before anything slow (DeepSpeed's setup, data, weights) starts
-    if args.deepspeed:
-        check_lora_deepspeed(args, deepspeed_config(args))
+    ds_config = deepspeed_config(args) if args.deepspeed else None
+    if ds_config is not None:
+        check_lora_deepspeed(args, ds_config)
     task = get_task(args.task)
     resume_from = check_resume(args)
     output_dir = args.output_dir or (str(Path(resume_from).parent) if resume_from else default_output_dir(args))
@@ -513,7 +516,7 @@ def run_training(args) -> dict:
                                                   batch_size=args.per_device_eval_batch_size))
 
     bf16, fp16 = precision(args)
-    training_args = training_arguments(args, output_dir, bf16, fp16)  # before the model: ZeRO-3 partitions at load
+    training_args = training_arguments(args, output_dir, bf16, fp16, ds_config)  # before the model: ZeRO-3 partitions at load
     model = load_weights(model_path, flag, args.allow_pickle, trust_remote_code=args.trust_remote_code)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -539,9 +542,7 @@ def run_training(args) -> dict:
     if resume:
         if distributed.is_main():
             print(f"resuming from {resume}")
-        loss_sum = LossTotalCallback.read(Path(resume))
-        if loss_sum is not None:
-            trainer.loss_before_resume = (read_json(Path(resume) / "trainer_state.json")["global_step"], loss_sum)
+        trainer.loss_before_resume = LossTotalCallback.read(Path(resume)) or trainer.loss_before_resume
     result = trainer.train(resume_from_checkpoint=resume)
     steps_before, loss_before = trainer.loss_before_resume
     steps_now = trainer.state.global_step - steps_before

@@ -1,7 +1,7 @@
 """How answers are written and read, per task kind: one definition for everyone.
 
 A rationale ends with the final sentence "Therefore, the answer is <answer>." (SPEC §2); a
-training target then adds the structured answer line "\\nAnswer: <gold> " (math, yes/no).
+training target then adds the structured answer line "\\nAnswer: <gold>" (math, yes/no).
 Prompts and targets (`tasks.py`), the teacher's instructions (`teacher_templates.py`), its judge
 and offline stand-in (`teacher_*.py`), the negatives (`train_data.py`) and the wordmath generator
 all take these shapes from here, so rewording one changes every writer and reader together.
@@ -30,8 +30,9 @@ def final_sentence(answer: str) -> str:
 
 
 def answer_line(gold: str) -> str:
-    """The structured line a math / yes-no target ends with (its trailing space is the original's)."""
-    return f"{ANSWER_MARKER}: {gold} "
+    """The structured line a math / yes-no target ends with (the original's had a trailing space
+    before eos: a token no tokenizer would produce there)."""
+    return f"{ANSWER_MARKER}: {gold}"
 
 
 def cut_at_blank_line(text: str) -> str:

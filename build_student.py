@@ -16,7 +16,7 @@ import torch
 import student
 from args import StudentArguments, parse
 from common import UserError, atomic_write_json, cli_main, set_seed
-from tasks import build_prompt, continuation, get_task, load_split
+from tasks import PROMPT_FORMAT, build_prompt, continuation, get_task, load_split
 
 
 @cli_main
@@ -24,7 +24,8 @@ def main() -> None:
     args = parse(StudentArguments)
     out = Path(args.out)
     info_path = out / "build_info.json"
-    settings = {k: v for k, v in asdict(args).items() if k != "force"}
+    # the prompt format is part of what the warm start learned: a new one rebuilds the student
+    settings = {k: v for k, v in asdict(args).items() if k != "force"} | {"prompt_format": PROMPT_FORMAT}
     if info_path.is_file() and not args.force and json.loads(info_path.read_text()).get("settings") == settings:
         print(f"{out}: student already built with these settings (use --force to rebuild)")
         return

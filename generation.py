@@ -19,7 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import distributed
 from common import UserError
-from tasks import Example, TaskSpec, build_prompt, grade
+from tasks import BOUNDARY, Example, TaskSpec, build_prompt, grade
 
 STOP = "\n\n"
 
@@ -155,17 +155,24 @@ def plan_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def encode_prompts(tokenizer, prompts: list[str], max_length: int) -> dict[str, torch.Tensor]:
+    """Left-padded prompt ids as training's prefixes (`train_data.PairEncoder`): a prompt longer than
+    max_length loses its oldest tokens (demos first), never the BOS the tokenizer adds or the question."""
+    tokenizer.truncation_side = "left"  # a call takes padding_side but not truncation_side
+    return tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", truncation=True,
+                     max_length=max_length)
+
+
 @torch.no_grad()
 def _generate_batch(model, tokenizer, prompts: list[str], cfg: SamplingConfig, seed: int,
                     synced: bool = False) -> list[list[str]]:
-    # a prompt longer than the position table allows loses its oldest tokens (demos first), not the question
-    encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", truncation=True,
-                        max_length=max_positions(model.config) - cfg.max_new_tokens).to(model.device)
+    encoded = encode_prompts(tokenizer, prompts, max_positions(model.config) - cfg.max_new_tokens).to(model.device)
     if cfg.do_sample:
         torch.manual_seed(seed)
     output = model.generate(**encoded, **generation_settings(tokenizer, cfg), tokenizer=tokenizer, synced_gpus=synced)
     texts = tokenizer.batch_decode(output[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
-    texts = [t.split(STOP, 1)[0] for t in texts]
+    # records keep the original's shape, text only: the boundary space belongs to the token, not the answer
+    texts = [t.split(STOP, 1)[0].removeprefix(BOUNDARY) for t in texts]
     return [texts[i * cfg.num_samples:(i + 1) * cfg.num_samples] for i in range(len(prompts))]
 
 

@@ -8,11 +8,13 @@ With the default embedded student and task it first prepares the data and builds
 """
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 from args import RoundsArguments, parse
 from common import UserError, cli_main
+from tasks import PROMPT_FORMAT
 from rounds import Interrupted, RoundDriver, StageFailed, run_command, stop_on_signals
 
 EMBEDDED_TASKS = ("wordmath", "gsm_symbolic")
@@ -28,9 +30,13 @@ def prepare_embedded(args: RoundsArguments) -> None:
                                                for split in ("train", "validation", "test")):
         run_command([sys.executable, "prepare_data.py", "--task", args.task, "--data_dir", args.data_dir],
                     logs / "prepare_data.log")
-    if args.student == EMBEDDED_STUDENT and not (Path(args.student) / "build_info.json").is_file():
+    info = Path(args.student) / "build_info.json"
+    # a student warm-started on an older prompt format would start every round off its own format
+    stale = info.is_file() and json.loads(info.read_text()).get("settings", {}).get("prompt_format") != PROMPT_FORMAT
+    if args.student == EMBEDDED_STUDENT and (stale or not info.is_file()):
         run_command([sys.executable, "build_student.py", "--task", "wordmath", "--data_dir", args.data_dir,
-                     "--out", args.student, "--warm_steps", str(args.warm_steps)], logs / "build_student.log")
+                     "--out", args.student, "--warm_steps", str(args.warm_steps)] + ["--force"] * stale,
+                    logs / "build_student.log")
 
 
 def check_learning_rate(args: RoundsArguments, argv: list[str]) -> None:

@@ -15,6 +15,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from tqdm import tqdm
 from transformers import GPTJConfig, GPTJForCausalLM, PreTrainedTokenizerFast
 
+from train_data import PairEncoder
+
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 
 
@@ -49,9 +51,10 @@ def warm_start(model, tokenizer, pairs: list[tuple[str, str]], steps: int, batch
                seed: int = 0, log_every: int = 50) -> list[float]:
     """Plain causal-LM fit on (prompt, continuation) pairs; returns the loss curve.
 
-    Prompt and continuation are tokenized apart, as at inference, where the prompt ends the input."""
+    Pairs are tokenized as training rows are (`train_data.PairEncoder`)."""
     rng = random.Random(seed)
-    encoded = [tokenizer(p)["input_ids"] + tokenizer(c)["input_ids"] + [tokenizer.eos_token_id] for p, c in pairs]
+    encoder = PairEncoder(tokenizer)
+    encoded = [sum(encoder.pair(p, c, max_length=10**9)[:2], []) for p, c in pairs]
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     # Linear warm-up then constant, the schedule run_trainer.py uses: later rounds continue the same run.
     warmup = max(1, steps // 10)

@@ -249,20 +249,33 @@ def fold(text: str) -> str:
     return " ".join(text.split())
 
 
+# A prompt ends at the colon ("Reasoning:"); the space after it opens the continuation, so the
+# boundary falls where a tokenizer would split the whole text (" The" is one token in byte-level
+# BPE, "▁The" in SentencePiece). The original ended prompts in "Reasoning: ", which leaves a lone
+# space token that pretrained byte-level tokenizers use almost only before digits.
+PROMPT_FORMAT = "natural-boundary"
+BOUNDARY = " "
+
+
 def question_block(task: TaskSpec, ex: Example, rationale: bool) -> str:
     if task.answers.lists_choices:
         options = "\n".join(f"({letter}) {text}" for letter, text in zip(CHOICE_LETTERS, ex.choices or []))
-        return f"Question: {ex.question}\nAnswer Choices:\n{options}\nAnswer: "
-    return f"Question: {ex.question}\nReasoning: " if rationale else f"Question: {ex.question}\nAnswer: "
+        return f"Question: {ex.question}\nAnswer Choices:\n{options}\nAnswer:"
+    return f"Question: {ex.question}\nReasoning:" if rationale else f"Question: {ex.question}\nAnswer:"
+
+
+def as_continuation(body: str) -> str:
+    return BOUNDARY + body
 
 
 def continuation(task: TaskSpec, ex: Example, rationale_text: str | None) -> str:
-    """Target text after the prompt: rationale + answer line (math, sqa) or the rationale alone (cqa)."""
+    """Target text after the prompt: rationale + answer line (math, sqa) or the rationale alone (cqa),
+    opening with the boundary space."""
     if rationale_text is None:
-        return task.answers.answer_only_target(ex.gold)
+        return as_continuation(task.answers.answer_only_target(ex.gold))
     if not task.answers.has_answer_line:
-        return fold(rationale_text)
-    return fold(rationale_text) + answer_line(ex.gold)
+        return as_continuation(fold(rationale_text))
+    return as_continuation(fold(rationale_text) + answer_line(ex.gold))
 
 
 def build_prompt(task: TaskSpec, ex: Example, demos: str = "", rationale: bool = True) -> str:
@@ -271,7 +284,7 @@ def build_prompt(task: TaskSpec, ex: Example, demos: str = "", rationale: bool =
 
 def demo_block(task: TaskSpec, ex: Example, rationale: bool) -> str:
     rationale_text = ex.rationale if rationale else None
-    return question_block(task, ex, rationale) + continuation(task, ex, rationale_text).rstrip()
+    return question_block(task, ex, rationale) + continuation(task, ex, rationale_text)
 
 
 def format_demos(blocks: list[str]) -> str:

@@ -8,9 +8,9 @@ five-forward reference and its collator live in `tests/reference.py`).
 Row = one (question, teacher rationale) pair:
     prefix       = tasks.build_prompt(task, ex, demos, rationale=True)   (the inference prompt)
     continuation = tasks.continuation(task, ex, rationale) + eos
-Prefix and continuation are tokenized apart and concatenated, as at inference, where the
-prompt ends the input (so the prefix's trailing space stays its own token). Answer-only
-mode (no teacher file) uses `tasks.continuation(task, ex, None)` with the dataset's gold.
+The prefix is tokenized as generation tokenizes the prompt, the continuation as the tokenizer
+splits the whole text after it (`PairEncoder`). Answer-only mode (no teacher file) uses
+`tasks.continuation(task, ex, None)` with the dataset's gold.
 """
 from __future__ import annotations
 
@@ -65,23 +65,23 @@ def wrong_continuation(task: TaskSpec, ex: Example, text: str, form: str = "orig
 
     original: the whole text (cleaned: answers.KINDS), its own answer line folded in, then the answer line with
           the GOLD answer: exactly what a teacher rationale with that text becomes (the original
-          passed --cl_neg_path through the teacher preprocessing), e.g. "... = 8. Answer: 8\nAnswer: 7 ";
-    gold: its reasoning with its own answer line replaced by the gold one ("... = 8.\nAnswer: 7 ");
+          passed --cl_neg_path through the teacher preprocessing), e.g. " ... = 8. Answer: 8\nAnswer: 7";
+    gold: its reasoning with its own answer line replaced by the gold one (" ... = 8.\nAnswer: 7");
     own:  its reasoning with its own (wrong) answer line kept, so the whole negative is the mistake.
     Choice tasks have no separate answer line: every form is the folded text."""
     if form not in NEG_FORMS:
         raise UserError(f"--cl_neg_form must be one of {', '.join(NEG_FORMS)}, got {form!r}")
     text = cut_at_blank_line(text)
     if not task.answers.has_answer_line:
-        return tasks.fold(text)
+        return tasks.as_continuation(tasks.fold(text))
     if form == "original":  # as the original's exam kept it: cut right after the answer it read
         return tasks.continuation(task, ex, task.answers.clean(text))
     reasoning, marker, answer = text.partition(ANSWER_MARKER)
     if form == "gold":
         return tasks.continuation(task, ex, reasoning)
     if not marker:
-        return tasks.fold(reasoning)
-    return tasks.fold(reasoning) + answer_line(tasks.fold(answer.lstrip(":")))
+        return tasks.as_continuation(tasks.fold(reasoning))
+    return tasks.as_continuation(tasks.fold(reasoning) + answer_line(tasks.fold(answer.lstrip(":"))))
 
 
 def _by_question(data: dict[str, list]) -> dict[str, list]:
@@ -94,22 +94,64 @@ def _by_question(data: dict[str, list]) -> dict[str, list]:
 
 # ---------------------------------------------------------------- tokenization
 
-def encode_pair(tokenizer, prefix: str, continuation: str, max_length: int) -> tuple[list[int], list[int], bool]:
-    """(prefix ids, continuation ids + eos, truncated?), tokenized apart as at inference.
-
-    Over max_length: the prefix loses tokens on the left (the demos' side) down to half the
-    budget, then the continuation loses tokens on the right."""
-    prefix_ids = tokenizer(prefix)["input_ids"]
-    cont_ids = tokenizer(continuation, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    if len(prefix_ids) + len(cont_ids) <= max_length:
-        return prefix_ids, cont_ids, False
-    keep_prefix = max(max_length - len(cont_ids), min(len(prefix_ids), max_length // 2))
-    prefix_ids = prefix_ids[len(prefix_ids) - keep_prefix:]
-    return prefix_ids, cont_ids[:max_length - len(prefix_ids)], True
+def leading_special_count(tokenizer) -> int:
+    """How many special tokens (BOS) the tokenizer puts before every text."""
+    with_special = tokenizer("a")["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return next((lead for lead in range(len(with_special) - len(plain) + 1)
+                 if with_special[lead:lead + len(plain)] == plain), 0)
 
 
-def encode_continuation(tokenizer, continuation: str, budget: int) -> list[int]:
-    return (tokenizer(continuation, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])[:max(1, budget)]
+class PairEncoder:
+    """Token ids of (prompt, continuation) pairs as the tokenizer splits the whole text.
+
+    The prompt's ids are exactly what generation feeds the model (`tokenizer(prompt)`, BOS and all);
+    the continuation's are the rest of `tokenizer(prompt + continuation)`, so a training row is the
+    sequence the tokenizer itself produces: no lone space token at the boundary (byte-level BPE),
+    no doubled "▁" (SentencePiece, which would prefix a continuation tokenized alone). When a token
+    straddles the boundary the continuation is tokenized alone, and `fallbacks` counts it."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.lead = leading_special_count(tokenizer)
+        self.fallbacks = 0
+        self._prompt_ids: dict[str, list[int]] = {}
+
+    def prompt(self, text: str) -> list[int]:
+        if text not in self._prompt_ids:
+            self._prompt_ids[text] = self.tokenizer(text)["input_ids"]
+        return self._prompt_ids[text]
+
+    def continuation(self, prompt: str, text: str) -> list[int]:
+        """Continuation ids in context, without eos."""
+        prompt_ids = self.prompt(prompt)
+        whole = self.tokenizer(prompt + text)["input_ids"]
+        if whole[:len(prompt_ids)] == prompt_ids:
+            return whole[len(prompt_ids):]
+        self.fallbacks += 1
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def pair(self, prompt: str, text: str, max_length: int) -> tuple[list[int], list[int], bool]:
+        """(prompt ids, continuation ids + eos, truncated?).
+
+        Over max_length: the prompt loses tokens on the left (the demos' side) down to half the
+        budget, keeping its leading BOS as generation's left truncation does; then the
+        continuation loses tokens on the right."""
+        prompt_ids = self.prompt(prompt)
+        cont_ids = self.continuation(prompt, text) + [self.tokenizer.eos_token_id]
+        if len(prompt_ids) + len(cont_ids) <= max_length:
+            return prompt_ids, cont_ids, False
+        keep = max(max_length - len(cont_ids), min(len(prompt_ids), max_length // 2), self.lead + 1)
+        prompt_ids = prompt_ids[:self.lead] + prompt_ids[len(prompt_ids) - keep + self.lead:]
+        return prompt_ids, cont_ids[:max(1, max_length - len(prompt_ids))], True
+
+    def candidate(self, prompt: str, text: str, budget: int) -> list[int]:
+        """A positive or negative continuation (+ eos) cut to the row's remaining budget."""
+        return (self.continuation(prompt, text) + [self.tokenizer.eos_token_id])[:max(1, budget)]
+
+
+def encode_pair(tokenizer, prompt: str, continuation: str, max_length: int) -> tuple[list[int], list[int], bool]:
+    return PairEncoder(tokenizer).pair(prompt, continuation, max_length)
 
 
 # ---------------------------------------------------------------- rows
@@ -159,9 +201,10 @@ def build_train_data(task: TaskSpec, examples: list[Example], tokenizer, *, teac
     rows: list[TrainRow] = []
     prefixes: list[str] = []
     by_question = {tasks.fold(ex.question): ex for ex in examples}
+    encoder = PairEncoder(tokenizer)
 
     def add_row(ex: Example, prefix: str, continuation: str, qid: int) -> None:
-        prefix_ids, cont_ids, truncated = encode_pair(tokenizer, prefix, continuation, max_length)
+        prefix_ids, cont_ids, truncated = encoder.pair(prefix, continuation, max_length)
         counts["rows_truncated"] += truncated
         rows.append(TrainRow(qid, prefix_ids, cont_ids, continuation))
 
@@ -204,13 +247,14 @@ def build_train_data(task: TaskSpec, examples: list[Example], tokenizer, *, teac
     if cl_pos_path or cl_neg_path:
         if not (cl_pos_path and cl_neg_path):
             raise UserError("--contrastive needs both --cl_pos_path and --cl_neg_path")
-        _add_triplet_candidates(result, task, by_question, prefixes, tokenizer, max_length,
+        _add_triplet_candidates(result, task, by_question, prefixes, encoder, max_length,
                                 cl_pos_path, cl_neg_path, cl_pos_num, cl_neg_num, seed, cl_neg_form, answer_filter)
+    counts["continuations_tokenized_alone"] = encoder.fallbacks
     return result
 
 
 def _add_triplet_candidates(data: TrainData, task: TaskSpec, by_question: dict[str, Example], prefixes: list[str],
-                            tokenizer, max_length: int, pos_path: str, neg_path: str, pos_num: int, neg_num: int,
+                            encoder: PairEncoder, max_length: int, pos_path: str, neg_path: str, pos_num: int, neg_num: int,
                             seed: int, neg_form: str, answer_filter: bool) -> None:
     pos_file = _by_question(read_rationale_file(pos_path, "--cl_pos_path"))
     neg_file = _by_question(read_rationale_file(neg_path, "--cl_neg_path"))
@@ -229,7 +273,7 @@ def _add_triplet_candidates(data: TrainData, task: TaskSpec, by_question: dict[s
             else:
                 counts["positives_dropped"] += 1
         good = _select(list(dict.fromkeys(good)), pos_num, seed, question)
-        data.positives.append([(text, encode_continuation(tokenizer, text, budget)) for text in good])
+        data.positives.append([(text, encoder.candidate(prefixes[qid], text, budget)) for text in good])
         wrong = []
         for item in neg_file.get(tasks.fold(question), []):
             text = item_text(item)
@@ -238,7 +282,7 @@ def _add_triplet_candidates(data: TrainData, task: TaskSpec, by_question: dict[s
             else:
                 counts["negatives_dropped"] += 1  # malformed, empty, or actually right
         wrong = _select(list(dict.fromkeys(wrong)), neg_num, seed, question)
-        data.negatives.append([encode_continuation(tokenizer, text, budget) for text in wrong])
+        data.negatives.append([encoder.candidate(prefixes[qid], text, budget) for text in wrong])
     counts["positives_kept"] = sum(map(len, data.positives))
     counts["negatives_kept"] = sum(map(len, data.negatives))
     counts["rows_with_triplet"] = sum(bool(data.positive_candidates(r)) and bool(data.negatives[r.qid])

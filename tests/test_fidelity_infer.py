@@ -108,7 +108,7 @@ def test_math_hint_prompt():
         "\n"
         "Question: Cy has 6 eggs and eats 2. How many?\n"
         "Hint: The final answer should be 4.\n"
-        "Reasoning: ")
+        "Reasoning:")
 
 
 def test_yesno_hint_prompt():
@@ -117,7 +117,7 @@ def test_yesno_hint_prompt():
     prompt = build_prompt(task, Example("Do rocks float?", "No"), demos)
     assert add_hints(task, prompt, "No") == (
         "Question: Can fish swim?\nHint: The final answer should be Yes.\nReasoning: Fish live in water.\nAnswer: Yes\n\n"
-        "Question: Do rocks float?\nHint: The final answer should be No.\nReasoning: ")
+        "Question: Do rocks float?\nHint: The final answer should be No.\nReasoning:")
 
 
 def test_choice_hint_prompt_goes_before_the_answer_line():
@@ -131,7 +131,7 @@ def test_choice_hint_prompt_goes_before_the_answer_line():
         "Answer: Not the oven (a): the fridge. Therefore, the answer is fridge (b).\n\n"
         "Question: What cuts paper?\nAnswer Choices:\n(a) rock\n(b) glue\n(c) scissors\n(d) tape\n(e) ink\n"
         "Hint: The final answer should be (c).\n"
-        "Answer: ")
+        "Answer:")
 
 
 def test_hint_needs_an_anchor_line_in_every_block():
@@ -177,7 +177,7 @@ def test_hint_evaluates_the_wrong_questions_with_hinted_prompts(tiny_student, da
     result = run_infer(*flags)
     assert [r["question"] for r in result["results"]] == [test[2].question, test[4].question]  # split order
     for prompt, ex in zip(prompts, (test[2], test[4])):
-        assert prompt.endswith(f"Question: {ex.question}\nHint: The final answer should be {ex.gold}.\nReasoning: ")
+        assert prompt.endswith(f"Question: {ex.question}\nHint: The final answer should be {ex.gold}.\nReasoning:")
         assert prompt.count("\nHint: The final answer should be ") == 1 + get_task("wordmath").n_demos
     # the filter applies before --sample_num, as the original selected after filtering
     first = run_infer(*flags, "--sample_num", "1", "--output_dir", str(tmp_path / "star1"))
@@ -252,11 +252,13 @@ def test_decode_eos_token_keeps_eos_from_being_the_first_token(tiny_student):
     model, tokenizer = generation.load_model(str(tiny_student))
     with torch.no_grad():
         model.lm_head.bias[tokenizer.eos_token_id] += 1000.0  # eos wins every step unless suppressed
-    prompt = ["Question: Tom has 3 apples. How many?\nReasoning: "]
+        word = min(i for t, i in tokenizer.get_vocab().items() if t.startswith("Ġ") and t[1:].isalpha())
+        model.lm_head.bias[word] += 500.0                     # ... and then this space-led word does
+    prompt = ["Question: Tom has 3 apples. How many?\nReasoning:"]
     suppressed = generation.generate(model, tokenizer, prompt, generation.SamplingConfig(max_new_tokens=4), progress=False)
     free = generation.generate(model, tokenizer, prompt, generation.SamplingConfig(max_new_tokens=4, suppress_special_first=False),
                                progress=False)
-    assert free == [[""]] and suppressed[0][0] != ""
+    assert free == [[""]] and suppressed == [[tokenizer.decode([word]).strip()]] and suppressed[0][0]
 
 
 # ---------------------------------------------------------------- 5. precision defaults

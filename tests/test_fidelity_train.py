@@ -55,17 +55,21 @@ def negative_setup(tmp_path_factory, tiny_student):
 
 @pytest.mark.parametrize("form, expected", [
     # the original: the teacher preprocessing applied to the student's text (newlines to spaces, its
-    # own answer line included), then "\nAnswer: <gold>", a space and eos
-    ("original", "Tom starts with 3 apples. He buys 4, so 3 + 4 = 8. Answer: 8\nAnswer: 7 "),
-    ("gold", "Tom starts with 3 apples. He buys 4, so 3 + 4 = 8.\nAnswer: 7 "),
-    ("own", "Tom starts with 3 apples. He buys 4, so 3 + 4 = 8.\nAnswer: 8 "),
+    # own answer line included), then "\nAnswer: <gold>" and eos (the original's space before eos is
+    # gone, and the space after "Reasoning:" opens the continuation: README "Fidelity", boundary row)
+    ("original", " Tom starts with 3 apples. He buys 4, so 3 + 4 = 8. Answer: 8\nAnswer: 7"),
+    ("gold", " Tom starts with 3 apples. He buys 4, so 3 + 4 = 8.\nAnswer: 7"),
+    ("own", " Tom starts with 3 apples. He buys 4, so 3 + 4 = 8.\nAnswer: 8"),
 ])
 def test_negative_token_sequence(negative_setup, form, expected):
     ex, tokenizer, teacher, negatives = negative_setup
     data = build_train_data(WORDMATH, [ex], tokenizer, teacher_data=str(teacher), cl_pos_path=str(teacher),
                             cl_neg_path=str(negatives), cl_neg_form=form)
     (negative,) = data.negatives[0]
-    assert negative == tokenizer(expected, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    prompt = tasks.build_prompt(WORDMATH, ex)
+    whole = tokenizer(prompt + expected)["input_ids"]
+    assert whole[:len(data.rows[0].prefix_ids)] == data.rows[0].prefix_ids
+    assert negative == whole[len(data.rows[0].prefix_ids):] + [tokenizer.eos_token_id]
 
 
 def test_readme_command_defaults_to_the_originals_negatives():

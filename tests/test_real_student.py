@@ -40,6 +40,9 @@ def test_fewshot_evaluation_and_exam(smollm2, data_dir, tmp_path):
     assert evaluation.returncode == 0, evaluation.stderr[-2000:]
     scored = json.loads(next((tmp_path / "eval").glob("Acc*.json")).read_text())
     assert scored["total"] == 2 and all(r["raw_generated"].strip() for r in scored["results"])
+    # the prompt ends at "Reasoning:": the answer opens with a word, not a lone digit (it always did
+    # when prompts ended in "Reasoning: ", whose lone space token this tokenizer keeps for digits)
+    assert not any(r["raw_generated"][:1].isdigit() for r in scored["results"]), scored["results"]
     exam = run_script("infer_student_wrong.py", *common, "--limit", "1", "--num_return_sequences", "2",
                       "--max_new_tokens", "32", "--output_dir", str(tmp_path / "exam"))
     assert exam.returncode == 0, exam.stderr[-2000:]

@@ -41,31 +41,31 @@ SQA = Example("Can a cat fly?", "No")
 
 def test_math_rationale_prompt_and_training_text():
     task = get_task("gsm8k")
-    assert build_prompt(task, MATH) == "Question: Tom has 3 apples. He buys 2 more. How many?\nReasoning: "
-    assert continuation(task, MATH, MATH.rationale) == "3 + 2 = 5. So 5.\nAnswer: 5 "
+    assert build_prompt(task, MATH) == "Question: Tom has 3 apples. He buys 2 more. How many?\nReasoning:"
+    assert continuation(task, MATH, MATH.rationale) == " 3 + 2 = 5. So 5.\nAnswer: 5"
     assert build_prompt(task, MATH, demos="DEMO\n") == ("DEMO\n\nQuestion: Tom has 3 apples. He buys 2 more. "
-                                                         "How many?\nReasoning: ")
+                                                         "How many?\nReasoning:")
 
 
 def test_answer_only_prompts():
-    assert build_prompt(get_task("svamp"), MATH, rationale=False) == "Question: " + MATH.question + "\nAnswer: "
-    assert continuation(get_task("svamp"), MATH, None) == "5"
-    assert continuation(get_task("cqa"), CQA, None) == "(b)"
-    assert build_prompt(get_task("sqa"), SQA, rationale=False) == "Question: Can a cat fly?\nAnswer: "
+    assert build_prompt(get_task("svamp"), MATH, rationale=False) == "Question: " + MATH.question + "\nAnswer:"
+    assert continuation(get_task("svamp"), MATH, None) == " 5"
+    assert continuation(get_task("cqa"), CQA, None) == " (b)"
+    assert build_prompt(get_task("sqa"), SQA, rationale=False) == "Question: Can a cat fly?\nAnswer:"
 
 
 def test_cqa_prompt_lists_choices_and_keeps_rationale_as_is():
     task = get_task("cqa")
     assert build_prompt(task, CQA) == ("Question: Where do you keep milk?\nAnswer Choices:\n(a) oven\n(b) fridge\n"
-                                       "(c) shelf\n(d) car\n(e) bed\nAnswer: ")
+                                       "(c) shelf\n(d) car\n(e) bed\nAnswer:")
     text = "Milk is kept cold.\nTherefore, the answer is fridge (b)."
-    assert continuation(task, CQA, text) == "Milk is kept cold. Therefore, the answer is fridge (b)."
+    assert continuation(task, CQA, text) == " Milk is kept cold. Therefore, the answer is fridge (b)."
 
 
 def test_sqa_rationale_prompt():
     task = get_task("sqa")
-    assert build_prompt(task, SQA) == "Question: Can a cat fly?\nReasoning: "
-    assert continuation(task, SQA, "Cats have no wings.") == "Cats have no wings.\nAnswer: No "
+    assert build_prompt(task, SQA) == "Question: Can a cat fly?\nReasoning:"
+    assert continuation(task, SQA, "Cats have no wings.") == " Cats have no wings.\nAnswer: No"
 
 
 def test_demos_drawn_from_train_split_are_blocks_separated_by_blank_lines():
@@ -174,7 +174,7 @@ def test_choice_extraction(text, flexible, strict):
 
 
 YESNO_CASES = [
-    ("Cats have no wings.\nAnswer: No ", "No", "No"),
+    (" Cats have no wings.\nAnswer: No", "No", "No"),
     ("Yes, they can swim.\nAnswer: yes", "Yes", "Yes"),
     ("It is not known, so yes.", "Yes", None),
     ("Yes at first, but no.", "No", None),

@@ -104,14 +104,15 @@ def test_object_form_items_are_read(triplet_data, examples):
     assert len(rows) == 2 and all(examples[2].gold in r.text for r in rows)
 
 
-def test_row_text_is_prefix_plus_continuation_tokenized_apart(triplet_data, tokenizer, examples):
+def test_row_is_the_whole_text_split_at_the_prompt(triplet_data, tokenizer, examples):
     row = triplet_data.rows[0]
     ex = examples[0]
     prefix = tasks.build_prompt(TASK, ex, rationale=True)
     assert row.prefix_ids == tokenizer(prefix)["input_ids"]
     assert row.cont_ids[-1] == tokenizer.eos_token_id
     assert tokenizer.decode(row.cont_ids[:-1]) == tasks.continuation(TASK, ex, teacher_rationale(ex))
-    assert prefix.endswith("Reasoning: ")
+    assert row.prefix_ids + row.cont_ids[:-1] == tokenizer(prefix + row.text)["input_ids"]
+    assert prefix.endswith("Reasoning:") and row.text.startswith(" ")
 
 
 def test_not_an_object_file_is_a_user_error(tmp_path, examples, tokenizer):
@@ -137,14 +138,14 @@ def test_answer_only_rows(examples, tokenizer):
     data = build_train_data(TASK, examples[:10], tokenizer)
     assert len(data.rows) == 10
     ex, row = examples[3], data.rows[3]
-    assert tokenizer.decode(row.prefix_ids) == f"Question: {ex.question}\nAnswer: "
-    assert tokenizer.decode(row.cont_ids[:-1]) == ex.gold
+    assert tokenizer.decode(row.prefix_ids) == f"Question: {ex.question}\nAnswer:"
+    assert tokenizer.decode(row.cont_ids[:-1]) == " " + ex.gold
 
 
 def test_truncation_cuts_prefix_left_then_continuation_right(tokenizer):
-    prefix, cont = "Question: " + "one two three " * 20 + "\nReasoning: ", "four five six " * 20
+    prefix, cont = "Question: " + "one two three " * 20 + "\nReasoning:", " four five six" * 20
     full_p = tokenizer(prefix)["input_ids"]
-    full_c = tokenizer(cont, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    full_c = tokenizer(prefix + cont)["input_ids"][len(full_p):] + [tokenizer.eos_token_id]
     p, c, cut = encode_pair(tokenizer, prefix, cont, max_length=len(full_p) + len(full_c) - 5)
     assert cut and c == full_c and p == full_p[5:]            # demos/question side loses first
     p, c, cut = encode_pair(tokenizer, prefix, cont, max_length=40)
@@ -193,14 +194,14 @@ def test_candidate_limits(tmp_path, examples, tokenizer):
 
 def test_wrong_continuation_own_form_keeps_the_students_answer():
     ex = tasks.Example("Q?", "7")
-    assert wrong_continuation(TASK, ex, "He has 3 + 4 = 8.\nAnswer: 8\n\nQuestion: next", "own") == "He has 3 + 4 = 8.\nAnswer: 8 "
-    assert wrong_continuation(TASK, ex, "He has  7\nthings.", "own") == "He has 7 things."
+    assert wrong_continuation(TASK, ex, "He has 3 + 4 = 8.\nAnswer: 8\n\nQuestion: next", "own") == " He has 3 + 4 = 8.\nAnswer: 8"
+    assert wrong_continuation(TASK, ex, "He has  7\nthings.", "own") == " He has 7 things."
 
 
 def test_wrong_continuation_gold_form_is_the_students_reasoning_with_the_gold_line():
     ex = tasks.Example("Q?", "7")
-    assert wrong_continuation(TASK, ex, "He has 3 + 4 = 8.\nAnswer: 8\n\nQuestion: next", "gold") == "He has 3 + 4 = 8.\nAnswer: 7 "
-    assert wrong_continuation(TASK, ex, "He has  3 +\n4 = 8.", "gold") == "He has 3 + 4 = 8.\nAnswer: 7 "
+    assert wrong_continuation(TASK, ex, "He has 3 + 4 = 8.\nAnswer: 8\n\nQuestion: next", "gold") == " He has 3 + 4 = 8.\nAnswer: 7"
+    assert wrong_continuation(TASK, ex, "He has  3 +\n4 = 8.", "gold") == " He has 3 + 4 = 8.\nAnswer: 7"
     # the same target a teacher rationale with that reasoning gets
     assert wrong_continuation(TASK, ex, "He has 3 + 4 = 8.\nAnswer: 8", "gold") == tasks.continuation(TASK, ex, "He has 3 + 4 = 8.")
 
@@ -219,7 +220,7 @@ def test_gold_form_negatives_are_filtered_on_the_students_own_answer(tmp_path):
         assert data.counts["negatives_dropped"] == 1 and len(data.negatives[0]) == 1  # the right one goes either way
         text = tokenizer.decode(data.negatives[0][0][:-1])
         expected = wrong_continuation(TASK, ex, wrong, form)
-        assert text == expected and text.endswith(f"Answer: {ex.gold if form == 'gold' else int(ex.gold) + 1} ")
+        assert text == expected and text.endswith(f"Answer: {ex.gold if form == 'gold' else int(ex.gold) + 1}")
 
 
 # ---------------------------------------------------------------- batch sampler

@@ -130,6 +130,8 @@ _RATIONALE_HELP = "Rationale mode (Reasoning: ... Answer: ...) instead of answer
 _FP16_HELP = ("Load weights in float16. Unset: float16 on a GPU, as the original; float32 on a CPU, bfloat16 with "
               "--bf16 (a note says so).")
 _DECODE_EOS_HELP = "yes: no special token (eos, pad) may be the first generated token, as the original's default; no: any token."
+_PREFIX_CACHE_HELP = ("yes: the tokens every prompt opens with (the few-shot demos) are run once and their KV cache reused for "
+                      "every batch; no: each row prefills its whole prompt. Same outputs, for timing comparisons.")
 
 
 @dataclass
@@ -143,6 +145,7 @@ class InferArguments(ModelArguments, DataArguments):
     limit: int | None = field(default=None, metadata={"aliases": ["--sample_num"], "help": "Evaluate only the first N items "
                                                                                           "(--sample_num: the original's name)."})
     decode_eos_token: bool = field(default=True, metadata={"help": _DECODE_EOS_HELP})
+    prefix_cache: bool = field(default=True, metadata={"help": _PREFIX_CACHE_HELP})
     hint: bool = field(default=False, metadata={"help": "STaR rationalisation: evaluate only the questions --hint_filter_path marks wrong, "
                                                         "each prompt block with a line naming its answer. Needs --fewshot and --rationale."})
     hint_filter_path: str | None = field(default=None, metadata={"help": "With --hint: an Acc*.json of an earlier infer.py run on the same split."})
@@ -174,6 +177,7 @@ class ExamArguments(ModelArguments, DataArguments):
                                                                                           "(--sample_num: the original's name)."})
     decode_eos_token: bool = field(default=True, metadata={"help": _DECODE_EOS_HELP + " The original's exam ignored the flag "
                                                                    "and sampled any token: no restores that."})
+    prefix_cache: bool = field(default=True, metadata={"help": _PREFIX_CACHE_HELP})
     output_dir: str | None = field(default=None, metadata={"help": "Default: <checkpoint>/exam_<split>_<note>."})
     note: str = field(default="", metadata={"help": "Free text, also names the default output folder."})
 
@@ -184,6 +188,7 @@ class ExamArguments(ModelArguments, DataArguments):
 
 # The original's defaults where ours differ on purpose (its README passes every one of them explicitly).
 ORIGINAL_TRAIN_DEFAULTS = {"merge_losses": False, "weight_decay": 0.1, "learning_rate": 1e-6, "per_device_eval_batch_size": 4}
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
 
 
 @dataclass
@@ -219,7 +224,8 @@ class TrainArguments(ModelArguments, DataArguments, LoraArguments):
         "learning_rate": ">0", "weight_decay": ">=0", "warmup_steps": ">=0", "max_grad_norm": ">=0", "max_length": ">=2",
         "cl_pos_num": ">=1", "cl_neg_num": ">=1", "cl_p": ">=0", "cl_ratio": ">=0", "mle_w": ">=0", "eval_limit": ">=0",
         "save_best": ">=0", "save_steps": ">0", "logging_steps": ">=1", "world_size": ">=0", "rank_offset": ">=0",
-        "valid_size": ">=0", "num_train_epochs": ">=0", **LoraArguments.BOUNDS}
+        "valid_size": ">=0", "num_train_epochs": ">=0", "cl_beta": ">0", "cl_gamma": ">=0", "lm_loss_chunk": ">=1",
+        "pad_to_multiple_of": ">=0", **LoraArguments.BOUNDS}
     teacher_data: str | None = field(default=None, metadata={"help": "Teacher rationales {question: [rationale, ...]}; without it: answer-only training on gold answers."})
     teacher_data_random: str = field(default="1.0", metadata={"help": "P in [0, 1]: keep each teacher rationale with probability P (the original's; "
                                                                      "1.0 keeps all), or 'one': one seeded pick per question (the others stay positives)."})
@@ -246,7 +252,11 @@ class TrainArguments(ModelArguments, DataArguments, LoraArguments):
     cl_neg_path: str | None = field(default=None, metadata={"help": "Negatives: the student's wrong rationales {question: [...]}."})
     cl_pos_num: int = field(default=10, metadata={"help": "At most this many positives per question."})
     cl_neg_num: int = field(default=4, metadata={"help": "At most this many negatives per question."})
-    cl_loss: str = field(default="triplet", metadata={"help": "Self-reflection loss (losses.CONTRAST_LOSSES): triplet, the original's."})
+    cl_loss: str = field(default="triplet", metadata={"help": "Self-reflection loss (losses.CONTRAST_LOSSES): triplet, the original's; simpo or "
+                                                                  "orpo: a reference-free preference of the teacher's rationale over the student's "
+                                                                  "mistake, on their length-normalised log-probs."})
+    cl_beta: float = field(default=2.0, metadata={"help": "--cl_loss simpo: beta, the scale of the log-prob difference (the SimPO paper's 2.0)."})
+    cl_gamma: float = field(default=1.0, metadata={"help": "--cl_loss simpo: gamma, the target margin (the SimPO paper's gamma / beta = 0.5)."})
     cl_p: float = field(default=1.0, metadata={"help": "Triplet margin."})
     cl_ratio: float = field(default=0.5, metadata={"help": "Weight of the self-reflection loss."})
     cl_repr: str = field(default="last", metadata={"help": "Sequence representation: last (last token) or pool (mean)."})
@@ -278,6 +288,25 @@ class TrainArguments(ModelArguments, DataArguments, LoraArguments):
     master_port: int | None = field(default=None, metadata={"help": "Rendezvous port (default: a free one; required across machines)."})
     logging_steps: int = field(default=10, metadata={"help": "Log every N steps (TensorBoard under <output_dir>/runs)."})
     wandb: bool = field(default=False, metadata={"help": "Also log to Weights & Biases."})
+    # Throughput switches (bench/RESULTS.md, "GPU step benchmark"). The defaults keep CPU runs' values as they were.
+    attn_implementation: str = field(default="auto", metadata={"help": "Attention kernel: auto (sdpa where the architecture supports it, "
+                                                                       "else eager, with a note), sdpa, eager, or flash_attention_2 (needs flash-attn)."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute each decoder layer's activations in backward "
+                                                                          "(every forward of the shared step, the cached ones included): less memory, ~1/3 more compute."})
+    lm_loss_impl: str = field(default="auto", metadata={"help": "How the LM loss reaches the vocabulary (same value): logits (the model's full logits), "
+                                                                "chunked (the output head applied --lm_loss_chunk positions at a time, recomputed "
+                                                                "in backward), liger (liger-kernel's fused linear cross-entropy, if installed), or "
+                                                                "auto: chunked on a GPU, logits on a CPU."})
+    lm_loss_chunk: int = field(default=4096, metadata={"help": "--lm_loss_impl chunked: target positions per chunk."})
+    torch_compile: bool = field(default=False, metadata={"help": "torch.compile each decoder layer (shapes bucketed by --pad_to_multiple_of)."})
+    pad_to_multiple_of: int = field(default=0, metadata={"help": "Pad every batch's prompt, continuation and positive/negative widths up to "
+                                                                 "a multiple of N (masked: same values), so compiled kernels see few shapes. "
+                                                                 "0: no padding, or 64 with --torch_compile."})
+    optim: str = field(default="auto", metadata={"help": "Optimizer (a transformers optim name): auto = adamw_torch_fused (the Trainer's "
+                                                         "default, one fused kernel on a GPU), or e.g. adamw_torch."})
+    bf16_weights: bool = field(default=False, metadata={"help": "Pure bf16: weights, activations and gradients in bfloat16, no autocast; the "
+                                                                "optimizer keeps fp32 master weights and fp32 AdamW state and copies the "
+                                                                "rounded weights back after each step. Not with --deepspeed (use its bf16 section)."})
     note: str = field(default="", metadata={"help": "Free text; names the default output folder."})
 
     def __post_init__(self):  # loss settings are checked by losses.LossConfig, where they are used
@@ -302,6 +331,14 @@ class TrainArguments(ModelArguments, DataArguments, LoraArguments):
             raise UserError("--do_first_eval evaluates before training: it needs --do_eval yes")
         if self.max_grad_norm < 0:
             raise UserError(f"--max_grad_norm must be >= 0 (0: no clipping), got {self.max_grad_norm}")
+        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise UserError(f"--attn_implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, got {self.attn_implementation!r}")
+        from transformers.training_args import OptimizerNames
+        if self.optim != "auto" and self.optim not in {o.value for o in OptimizerNames}:
+            raise UserError(f"--optim: unknown optimizer {self.optim!r} (e.g. auto, adamw_torch_fused, adamw_torch)")
+        if self.bf16_weights and (self.deepspeed or self.fp16):
+            raise UserError("--bf16_weights keeps fp32 master weights itself: not with --fp16, nor with --deepspeed "
+                            "(there, a \"bf16\": {\"enabled\": true} section does the same)")
         self.check_lora()
 
     @property
@@ -381,9 +418,7 @@ class RoundsArguments(LoraArguments):
             raise UserError("--rounds must be >= 1 and --start_round within 1..rounds")
         if self.backend not in ("offline", "openai"):
             raise UserError(f"--backend must be offline or openai, got {self.backend!r}")
-        arms = self.arms.split(",")
-        if not arms or any(arm not in ("lm", "reflect") for arm in arms) or len(set(arms)) != len(arms):
-            raise UserError(f"--arms: expected a comma list of lm and reflect, got {self.arms!r}")
+        self.check_arms(("lm", "reflect"))
         splits = self.eval_splits.split(",")
         if not all(splits) or len(set(splits)) != len(splits):
             raise UserError(f"--eval_splits: expected a comma list of split names, got {self.eval_splits!r}")
@@ -391,6 +426,58 @@ class RoundsArguments(LoraArguments):
         if self.base_url:  # before round 0's evaluation, not when the teacher stage comes
             from teacher_backends import check_base_url
             check_base_url(self.base_url)
+
+    def check_arms(self, known: tuple[str, ...]) -> None:
+        arms = self.arms.split(",")
+        if not arms or any(arm not in known for arm in arms) or len(set(arms)) != len(arms):
+            raise UserError(f"--arms: expected a comma list of {', '.join(known)}, got {self.arms!r}")
+
+
+EVIDENCE_ARMS = ("student", "std-cot", "+reflect", "+prefer", "tailored", "tailored-no-reflect", "untailored",
+                 "more-epochs")
+
+
+@dataclass
+class EvidenceArguments(RoundsArguments):
+    """reproduce.py: the round driver's flags, passed to the stages the same way, and the harness's own.
+    The defaults fit the embedded wordmath run of 3 seeds x all arms in 60 min on 2 CPU cores
+    (evidence.py's docstring has the arithmetic); --quick is the small end-to-end check."""
+    BOUNDS: ClassVar[dict] = {**RoundsArguments.BOUNDS, "seeds": ">=1", "bootstrap": ">=1", "prefer_beta": ">0",
+                              "prefer_gamma": ">=0", "annotate_limit": ">=0", "threads": ">=0"}
+    workdir: str = field(default="runs/evidence", metadata={"help": "round0/ (the shared round-0 student), seed<s>/ (one round-driver "
+                                                                    "folder per seed), results.json, evidence.png. --quick: runs/evidence_quick."})
+    arms: str = field(default=",".join(EVIDENCE_ARMS), metadata={"help": "Comma list of arms (the arms they build on run too): "
+                                                                         + ", ".join(EVIDENCE_ARMS) + "."})
+    exam_limit: int | None = field(default=150, metadata={"help": "Exam only the first N train questions (0: all); the budget's choice, "
+                                                                  "see evidence.py."})
+    eval_limit: int | None = field(default=300, metadata={"help": "Evaluate only the first N items of each split (validation has 1000, "
+                                                                  "test 300); the budget's choice."})
+    annotate_limit: int | None = field(default=600, metadata={"help": "Round 1's teacher annotates only the first N train questions "
+                                                                      "(0: all): round 1's training data, the budget's choice."})
+    seeds: int = field(default=3, metadata={"help": "Seeds --seed, --seed + 1, ...: each varies data order, exam sampling, the "
+                                                    "offline teacher's phrasing and the untailored draw. The round-0 student is shared."})
+    quick: bool = field(default=False, metadata={"help": "The small end-to-end check (1 seed, small splits, few steps; evidence.QUICK); "
+                                                         "flags given on the command line still win."})
+    prefer_loss: str = field(default="simpo", metadata={"help": "Arm +prefer: the preference loss (run_trainer.py --cl_loss).",
+                                                        "choices": ["simpo", "orpo"]})
+    prefer_beta: float = field(default=2.0, metadata={"help": "Arm +prefer with simpo: beta (--cl_beta)."})
+    prefer_gamma: float = field(default=1.0, metadata={"help": "Arm +prefer with simpo: gamma (--cl_gamma)."})
+    prefer_neg_form: str = field(default="own", metadata={"help": "Arm +prefer: the rejected text (--cl_neg_form); own: the student's "
+                                                                  "mistake as it wrote it, its wrong answer line included."})
+    bootstrap: int = field(default=2000, metadata={"help": "Bootstrap resamples of the paired intervals."})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads of every stage (OMP_NUM_THREADS, unless already set). 0: 1 with "
+                                                      "--device cpu (on a busy 2-core machine two threads trained the 0.9M student 4-9x "
+                                                      "slower than one), the library's default on GPUs."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.prefer_neg_form not in ("original", "gold", "own"):
+            raise UserError(f"--prefer_neg_form must be original, gold or own, got {self.prefer_neg_form!r}")
+        if self.prefer_loss not in ("simpo", "orpo"):
+            raise UserError(f"--prefer_loss must be simpo or orpo, got {self.prefer_loss!r}")
+
+    def check_arms(self, known: tuple[str, ...]) -> None:
+        super().check_arms(EVIDENCE_ARMS)
 
 
 @dataclass
@@ -436,7 +523,7 @@ class TeacherArguments:
         "num_samples": ">=1", "temperature": ">=0", "max_tokens": ">=1", "concurrency": ">=1", "request_timeout": ">0",
         "max_retries": ">=0", "backoff_base": ">=0", "max_consecutive_failures": ">=0", "max_requests": ">=1",
         "max_cost": ">0", "prompt_price_per_1m": ">=0", "completion_price_per_1m": ">=0", "est_completion_tokens": ">=1",
-        "offline_error_rate": ">=0", "limit": ">=1", "max_wrong_per_question": ">=1", "valid_size": ">=0"}
+        "offline_error_rate": ">=0", "limit": ">=1", "max_wrong_per_question": ">=1", "valid_size": ">=0", "random_questions": ">=1"}
     mode: str = field(default="annotate", metadata={"help": "annotate: rationales for a whole split; feedback: "
                                                             "tailored rationales for the student's mistakes.",
                                                     "choices": ["annotate", "feedback"]})
@@ -445,6 +532,10 @@ class TeacherArguments:
     test_on: str = field(default="train", metadata={"help": "Split whose questions go to the teacher."})
     valid_size: int = field(default=0, metadata={"help": "As for the other scripts: N train items held out as validation (hub tasks)."})
     limit: int | None = field(default=None, metadata={"help": "Only the first N questions of the split."})
+    random_questions: int | None = field(default=None, metadata={"help": "annotate mode: only N questions drawn at random "
+                                                                          "(seeded by --seed) from the split (after --limit), asked "
+                                                                          "in split order: an untailored control with the request "
+                                                                          "count of a feedback round."})
     student_wrong: str | None = field(default=None, metadata={"help": "feedback mode: the exam's student_wrong.json "
                                                                       "({question: [wrong rationale, ...]})."})
     max_wrong_per_question: int = field(default=2, metadata={"help": "feedback mode: at most this many wrong "
@@ -498,6 +589,9 @@ class TeacherArguments:
             raise UserError(f"--backend must be openai or offline, got {self.backend!r}")
         if self.student_wrong and self.mode != "feedback":
             raise UserError("--student_wrong is read by --mode feedback only (annotate asks about the whole split)")
+        if self.random_questions is not None and self.mode != "annotate":
+            raise UserError("--random_questions draws questions to annotate: it needs --mode annotate (feedback asks "
+                            "about the student's mistakes)")
         if self.base_url:
             from teacher_backends import check_base_url  # the teacher's own modules stay out of the others' imports
             check_base_url(self.base_url)

@@ -115,7 +115,7 @@ def run(args: InferArguments) -> dict | None:
     if args.hint:
         prompts = [add_hints(task, prompt, ex.gold) for prompt, ex in zip(prompts, examples)]
     cfg = SamplingConfig(max_new_tokens=args.max_new_tokens or task.max_new_tokens, batch_size=args.batch,
-                         suppress_special_first=args.decode_eos_token)
+                         suppress_special_first=args.decode_eos_token, prefix_cache=args.prefix_cache)
     result = evaluate(model, tokenizer, task, examples, demos, args.rationale, cfg,
                       desc=f"eval {task.name}/{args.test_on}", prompts=prompts)
     if result is None:

@@ -43,7 +43,7 @@ def run(args: ExamArguments) -> dict | None:
     n_samples = args.num_return_sequences
     cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch, do_sample=True,
                          num_samples=n_samples, temperature=args.temperature, top_k=args.top_k, seed=args.seed,
-                         suppress_special_first=args.decode_eos_token)
+                         suppress_special_first=args.decode_eos_token, prefix_cache=args.prefix_cache)
     prompts = [build_prompt(task, ex, demos, args.rationale) for ex in examples]
     outputs = generate(model, tokenizer, prompts, cfg, desc=f"exam {task.name}/{args.test_on}")
     if outputs is None:

@@ -17,12 +17,14 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from common import UserError
 
 MLE_MODES = ("weight", "hf", "nograd", "no")
 REPR_MODES = ("last", "pool")
 ANCHOR_MODES = ("detached", "full")
+LM_LOSS_IMPLS = ("logits", "chunked", "liger")  # how the LM loss reaches the output head (same value)
 
 
 @dataclass
@@ -36,11 +38,20 @@ class LossConfig:
     cl_repr: str = "last"        # last | pool
     cl_anchor: str = "detached"  # detached: anchor re-read on the no-grad prefix (original) | full: from the LM forward
     cl_clip: bool = False        # zero the self-reflection loss when it is below the LM loss or 0.01 (clip_self_reflection)
+    lm_loss_impl: str = "logits"  # logits | chunked | liger | auto (chunked on a GPU, else logits): see chunked_lm_loss
+    lm_loss_chunk: int = 4096    # target positions per chunk (chunked)
+    cl_beta: float = 2.0         # simpo: scale of the log-prob difference
+    cl_gamma: float = 1.0        # simpo: target margin
 
     def __post_init__(self):
-        choices = {"mle": MLE_MODES, "cl_repr": REPR_MODES, "cl_anchor": ANCHOR_MODES, "cl_loss": tuple(CONTRAST_LOSSES)}
+        if self.lm_loss_impl == "auto":
+            self.lm_loss_impl = "chunked" if torch.cuda.is_available() else "logits"
+        choices = {"mle": MLE_MODES, "cl_repr": REPR_MODES, "cl_anchor": ANCHOR_MODES, "cl_loss": tuple(CONTRAST_LOSSES),
+                   "lm_loss_impl": LM_LOSS_IMPLS}
         for name, allowed in choices.items():
             check_choice(name, getattr(self, name), allowed)
+        if self.lm_loss_chunk < 1:
+            raise UserError(f"--lm_loss_chunk must be at least 1, got {self.lm_loss_chunk}")
         if self.mle == "no" and not self.contrastive:
             raise UserError("--mle no trains only through the triplet loss: it needs --contrastive yes")
         if self.cl_clip and self.mle == "no":
@@ -76,6 +87,14 @@ def weighted_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_ma
     check_choice("mle", mode, MLE_MODES)
     if mode == "no":
         return logits.new_zeros((), dtype=torch.float32)
+    used, weights = lm_targets(attention_mask, cont_mask, mode, mle_w)
+    ce = F.cross_entropy(logits[:, :-1][used].float(), input_ids[:, 1:][used], reduction="none")
+    return (ce * weights[used]).sum() / used.sum().clamp(min=1)
+
+
+def lm_targets(attention_mask: torch.Tensor, cont_mask: torch.Tensor, mode: str,
+               mle_w: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(used, weights), both (B, T-1): which next-token targets `weighted_lm_loss` counts, and their weights."""
     real, cont = attention_mask.bool(), cont_mask.bool()
     if mode == "nograd":
         used = cont[:, :-1] & cont[:, 1:]
@@ -85,8 +104,60 @@ def weighted_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_ma
         weights = used.float()
         if mode == "weight":
             weights = weights * torch.where(cont[:, 1:], 1.0, mle_w)
-    ce = F.cross_entropy(logits[:, :-1][used].float(), input_ids[:, 1:][used], reduction="none")
-    return (ce * weights[used]).sum() / used.sum().clamp(min=1)
+    return used, weights
+
+
+def _chunk_ce(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, targets: torch.Tensor,
+              weights: torch.Tensor) -> torch.Tensor:
+    return (F.cross_entropy(head(hidden).float(), targets, reduction="none") * weights).sum()
+
+
+def chunked_lm_loss(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], input_ids: torch.Tensor,
+                    attention_mask: torch.Tensor, cont_mask: torch.Tensor, mode: str = "weight", mle_w: float = 0.1,
+                    chunk: int = 4096, n_chunks: Callable[[int], int] | None = None) -> torch.Tensor:
+    """`weighted_lm_loss` from the final hidden states (B, T, d) and the output head (hidden -> logits),
+    never holding more than `chunk` positions' logits: each chunk of targets is checkpointed, so backward
+    recomputes its logits rather than keeping (B, T, V) of them (bf16 logits, their fp32 copy and the
+    log-softmax were ~10 bytes per vocabulary entry per position). `head` is called as a module, once
+    per chunk and again in backward, so ZeRO-3's hooks gather a partitioned head each time; under ZeRO-3
+    `n_chunks` maps this rank's chunk count to the largest over ranks (empty chunks fill up), because
+    every gather is a collective."""
+    check_choice("mle", mode, MLE_MODES)
+    if mode == "no":
+        return hidden.new_zeros((), dtype=torch.float32)
+    used, weights = lm_targets(attention_mask, cont_mask, mode, mle_w)
+    picked, targets, weights = hidden[:, :-1][used], input_ids[:, 1:][used], weights[used]
+    count = -(-picked.shape[0] // chunk)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, chunk * (n_chunks(count) if n_chunks else count), chunk):
+        part = slice(start, start + chunk)
+        total = total + checkpoint(_chunk_ce, head, picked[part], targets[part], weights[part], use_reentrant=False)
+    return total / used.sum().clamp(min=1)
+
+
+def liger_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, input_ids: torch.Tensor,
+                  attention_mask: torch.Tensor, cont_mask: torch.Tensor, mode: str = "weight",
+                  mle_w: float = 0.1) -> torch.Tensor:
+    """`weighted_lm_loss` through liger-kernel's fused linear cross-entropy (no logits in memory at all).
+    It needs the head's weight itself (not under ZeRO-3). Summed per weight class (prompt targets x mle_w,
+    continuation targets x 1), which every liger version supports."""
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    check_choice("mle", mode, MLE_MODES)
+    if mode == "no":
+        return hidden.new_zeros((), dtype=torch.float32)
+    used, _ = lm_targets(attention_mask, cont_mask, mode, mle_w)
+    picked, targets = hidden[:, :-1][used], input_ids[:, 1:][used]
+    fused = LigerFusedLinearCrossEntropyLoss(reduction="sum")
+    if mode != "weight":
+        total = fused(weight, picked, targets, bias).float()
+    else:
+        cont = cont_mask.bool()[:, 1:][used]
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for rows, scale in ((cont, 1.0), (~cont, mle_w)):
+            if rows.any():
+                total = total + scale * fused(weight, picked[rows], targets[rows], bias).float()
+    return total / used.sum().clamp(min=1)
 
 
 def token_logprobs(first_logits: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor,
@@ -154,6 +225,58 @@ def triplet_term(x: ContrastInputs, cfg: LossConfig) -> torch.Tensor:
     return triplet_loss(x.anchor, x.positive, x.negative, x.row_mask, cfg.cl_p)
 
 
+# ---------------------------------------------------------------- preference losses (reference-free)
+# The teacher's rationale is the chosen answer, the student's mistake the rejected one. No reference
+# model: DPO would need a second, frozen copy of the round's starting checkpoint run on every pair.
+
+def sequence_logprob(logprobs: torch.Tensor, mask: torch.Tensor, average: bool = True) -> torch.Tensor:
+    """(N,) log-probability of each continuation from its (N, K) token log-probs: the sum over real
+    tokens, or their mean (length-normalised, so a long rationale is not rejected for its length)."""
+    mask = mask.to(logprobs.dtype)
+    total = (logprobs * mask).sum(-1)
+    return total / mask.sum(-1).clamp(min=1) if average else total
+
+
+def masked_row_mean(per_row: torch.Tensor, row_mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the rows that have a pair; 0 when none has (rows without one may hold anything)."""
+    row_mask = row_mask.to(per_row)
+    return (torch.nan_to_num(per_row) * row_mask).sum() / row_mask.sum().clamp(min=1)
+
+
+def simpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, row_mask: torch.Tensor, beta: float = 2.0,
+               gamma: float = 1.0) -> torch.Tensor:
+    """SimPO (Meng et al., 2024): masked mean of -log sigmoid(beta * (chosen - rejected) - gamma), on
+    length-normalised log-probs. Zero gradient only once chosen leads rejected by well over gamma / beta."""
+    return masked_row_mean(F.softplus(gamma - beta * (chosen - rejected)), row_mask)
+
+
+def log_odds(avg_logprob: torch.Tensor) -> torch.Tensor:
+    """log(p / (1 - p)) of p = exp(avg_logprob); capped just below p = 1, where the odds are infinite."""
+    lp = avg_logprob.clamp(max=-1e-6)
+    return lp - torch.log(-torch.expm1(lp))
+
+
+def orpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, row_mask: torch.Tensor) -> torch.Tensor:
+    """ORPO's odds-ratio term (Hong et al., 2024): masked mean of -log sigmoid(log odds(chosen) -
+    log odds(rejected)), on length-normalised log-probs; ORPO's lambda is --cl_ratio."""
+    return masked_row_mean(F.softplus(log_odds(rejected) - log_odds(chosen)), row_mask)
+
+
+def _pair_logprobs(x: ContrastInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    return (sequence_logprob(x.positive_logprobs, x.positive_mask),
+            sequence_logprob(x.negative_logprobs, x.negative_mask))
+
+
+def simpo_term(x: ContrastInputs, cfg: LossConfig) -> torch.Tensor:
+    return simpo_loss(*_pair_logprobs(x), x.row_mask, cfg.cl_beta, cfg.cl_gamma)
+
+
+def orpo_term(x: ContrastInputs, cfg: LossConfig) -> torch.Tensor:
+    return orpo_loss(*_pair_logprobs(x), x.row_mask)
+
+
 CONTRAST_LOSSES: dict[str, ContrastLoss] = {
     "triplet": ContrastLoss(triplet_term),
+    "simpo": ContrastLoss(simpo_term, needs_logprobs=True),
+    "orpo": ContrastLoss(orpo_term, needs_logprobs=True),
 }

@@ -20,8 +20,10 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
+from typing import Iterator
 
 import infer
 import infer_student_wrong
@@ -50,6 +52,23 @@ def stop_on_signals() -> None:
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, handler)
+
+
+@contextmanager
+def driver_exits() -> Iterator[None]:
+    """How the drivers (run_rounds.py, reproduce.py) end a run that stops partway, with one `error:` line:
+    a failed stage exits 1 (its own error line says why), a stop signal 128 + its number. Finished
+    stages are kept either way, so the same command continues."""
+    stop_on_signals()
+    try:
+        yield
+    except StageFailed as err:  # the stage's own failure, not bad input to the driver (exit 2)
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    except Interrupted as err:
+        print(f"error: stopped by {err} (a running stage with it); finished stages are kept: re-run the same "
+              f"command to continue", file=sys.stderr, flush=True)
+        sys.exit(128 + err.signum)
 
 
 def _die_with_parent():
@@ -93,10 +112,12 @@ def run_command(argv: list[str], log: Path) -> None:
 
     Bytes pass through unchanged so the stage's progress bars redraw in place. The stage runs in
     its own process group, stopped with it if the driver is interrupted."""
-    print("\n$ " + " ".join(shlex.quote(a) for a in argv), flush=True)
+    line = "$ " + " ".join(shlex.quote(a) for a in argv)
+    print("\n" + line, flush=True)
     log.parent.mkdir(parents=True, exist_ok=True)
     tail = b""
     with open(log, "wb") as sink:
+        sink.write((line + "\n").encode())  # the log's first line: the command that made the folder (command_of)
         process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
                                    preexec_fn=_die_with_parent())
         try:
@@ -117,6 +138,16 @@ def run_command(argv: list[str], log: Path) -> None:
         reason = _last_error_line(tail)
         raise StageFailed(f"stage {Path(argv[1]).name if len(argv) > 1 else argv[0]} failed ({how})"
                           + (f": {reason}" if reason else "") + f"; its output is in {log}")
+
+
+def command_of(log: Path) -> str | None:
+    """The command a stage log was written by (run_command's first line), or None."""
+    try:
+        with open(log, "rb") as f:
+            first = f.readline().decode("utf-8", errors="replace").rstrip("\n")
+    except OSError:
+        return None
+    return first[2:] if first.startswith("$ ") else None
 
 
 def merge_rationale_files(paths: list[str], out: Path) -> None:
@@ -163,16 +194,17 @@ class RoundDriver:
                             checkpoint=checkpoint, batch=a.exam_batch, max_new_tokens=a.exam_max_new_tokens,
                             limit=a.exam_limit, output_dir=str(out))
 
-    def teacher_command(self, mode: str, out: Path, student_wrong: str | None) -> list[str]:
+    def teacher_command(self, mode: str, out: Path, student_wrong: str | None, **extra) -> list[str]:
         return self.command("query_teacher.py", TeacherArguments, mode=mode, test_on="train",
-                            num_samples=self.args.teacher_samples, student_wrong=student_wrong, output_dir=str(out))
+                            num_samples=self.args.teacher_samples, student_wrong=student_wrong, output_dir=str(out),
+                            **extra)
 
     def train_command(self, start_checkpoint: str, teacher_data: str, negatives: str, out: Path,
-                      contrastive: bool) -> list[str]:
+                      contrastive: bool, **extra) -> list[str]:
         return self.command("run_trainer.py", TrainArguments, checkpoint=start_checkpoint, teacher_data=teacher_data,
                             weight_decay=0.01, contrastive=contrastive, cl_pos_path=teacher_data,
                             cl_neg_path=negatives, merge_losses=True, output_dir=str(out), resume="yes",
-                            logging_steps=20)
+                            logging_steps=20, **extra)
 
     def evaluate(self, checkpoint: str, out: Path, split: str) -> dict:
         if infer.read_result(out) is None:
@@ -187,15 +219,17 @@ class RoundDriver:
             run_command(self.exam_command(checkpoint, out), out / "log.txt")
         return infer_student_wrong.read_summary(out)
 
-    def teacher(self, mode: str, out: Path, student_wrong: str | None = None) -> dict:
+    def teacher(self, mode: str, out: Path, student_wrong: str | None = None, **extra) -> dict:
         if teacher.read_summary(out) is None:
-            run_command(self.teacher_command(mode, out, student_wrong), out / "log.txt")
+            run_command(self.teacher_command(mode, out, student_wrong, **extra), out / "log.txt")
         return teacher.read_summary(out)
 
-    def train(self, start_checkpoint: str, teacher_data: str, negatives: str, out: Path, contrastive: bool) -> str:
+    def train(self, start_checkpoint: str, teacher_data: str, negatives: str, out: Path, contrastive: bool,
+              **extra) -> str:
         final = out / "final"
         if not (final / "run_args.json").is_file():
-            run_command(self.train_command(start_checkpoint, teacher_data, negatives, out, contrastive), out / "log.txt")
+            run_command(self.train_command(start_checkpoint, teacher_data, negatives, out, contrastive, **extra),
+                        out / "log.txt")
         return str(final)
 
     # ------------------------------------------------------------ rounds
@@ -207,28 +241,45 @@ class RoundDriver:
             return self.args.student
         return read_json(self.round_dir(arm, r) / "manifest.json")["checkpoint"]
 
+    # What a round of an arm is made of. Subclasses (evidence.py) change these, not run_round.
+    def parent_arm(self, arm: str, r: int) -> str:
+        """The arm whose round r - 1 this round continues from."""
+        return arm
+
+    def exam_dir(self, arm: str, r: int) -> Path:
+        """Round 1's exam (of the round-0 student) serves every arm; later exams are the arm's own."""
+        return self.workdir / "round1" / "exam" if r == 1 else self.round_dir(arm, r) / "exam"
+
+    def collect(self, arm: str, r: int, exam: dict) -> dict:
+        """The teacher stage: round 1 annotates the train split once for every arm; later rounds ask
+        for tailored feedback on this round's exam mistakes."""
+        if r == 1:
+            return self.teacher("annotate", self.workdir / "round1" / "teacher")
+        return self.teacher("feedback", self.round_dir(arm, r) / "teacher", exam["student_wrong"])
+
+    def train_settings(self, arm: str, r: int) -> dict:
+        """Training flags of this arm's round beyond the driver's own (at least `contrastive`)."""
+        return {"contrastive": ARMS[arm]}
+
     def run_round(self, arm: str, r: int) -> dict:
         started = time.time()
         folder = self.round_dir(arm, r)
-        previous = self.checkpoint_of(arm, r - 1)
+        parent = self.parent_arm(arm, r)
+        previous = self.checkpoint_of(parent, r - 1)
         manifest = {"round": r, "arm": arm, "task": self.args.task, "start_checkpoint": previous,
                     "backend": self.args.backend}
         # wall time adds up over interrupted runs; a re-run that skips every stage adds ~nothing
         earlier_seconds = read_json(folder / "manifest.json").get("seconds", 0) if (folder / "manifest.json").is_file() else 0
-        if r == 1:  # the round-0 student's exam and the annotation of the train split serve every arm
-            exam = self.exam(previous, self.workdir / "round1" / "exam")
-            collected = self.teacher("annotate", self.workdir / "round1" / "teacher")
-        else:
-            exam = self.exam(previous, folder / "exam")
-            collected = self.teacher("feedback", folder / "teacher", exam["student_wrong"])
+        exam = self.exam(previous, self.exam_dir(arm, r))
+        collected = self.collect(arm, r, exam)
         teacher_data, negatives = collected["teacher_data"], exam["student_wrong"]
         if self.args.keep_previous_data and r > 1:  # the previous round's inputs already hold the ones before
-            earlier = read_json(self.round_dir(arm, r - 1) / "manifest.json")["train_inputs"]
+            earlier = read_json(self.round_dir(parent, r - 1) / "manifest.json")["train_inputs"]
             teacher_data = str(folder / "train_teacher_data.json")
             negatives = str(folder / "train_negatives.json")
             merge_rationale_files([earlier["teacher_data"], collected["teacher_data"]], Path(teacher_data))
             merge_rationale_files([earlier["negatives"], exam["student_wrong"]], Path(negatives))
-        checkpoint = self.train(previous, teacher_data, negatives, folder / "train", ARMS[arm])
+        checkpoint = self.train(previous, teacher_data, negatives, folder / "train", **self.train_settings(arm, r))
         evaluation = self.evaluate_all(checkpoint, folder)
         manifest.update(exam=exam, teacher=collected, train_inputs={"teacher_data": teacher_data, "negatives": negatives},
                         checkpoint=checkpoint, eval=evaluation,

@@ -15,7 +15,7 @@ from pathlib import Path
 from args import RoundsArguments, parse
 from common import UserError, cli_main
 from tasks import PROMPT_FORMAT
-from rounds import Interrupted, RoundDriver, StageFailed, run_command, stop_on_signals
+from rounds import RoundDriver, driver_exits, run_command
 
 EMBEDDED_TASKS = ("wordmath", "gsm_symbolic")
 EMBEDDED_STUDENT = "checkpoints/wordmath-student"
@@ -51,21 +51,13 @@ def check_learning_rate(args: RoundsArguments, argv: list[str]) -> None:
 
 @cli_main
 def main() -> None:
-    stop_on_signals()
-    try:
+    with driver_exits():
         args = parse(RoundsArguments)
         check_learning_rate(args, sys.argv[1:])
         if args.exam_limit == 0:
             args.exam_limit = None
         prepare_embedded(args)
         RoundDriver(args).run()
-    except StageFailed as err:  # the stage's own failure, not bad input to the driver (exit 2)
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        sys.exit(1)
-    except Interrupted as err:
-        print(f"error: stopped by {err} (a running stage with it); finished stages are kept: re-run the same "
-              f"command to continue", file=sys.stderr, flush=True)
-        sys.exit(128 + err.signum)
 
 
 if __name__ == "__main__":

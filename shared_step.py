@@ -13,31 +13,46 @@ batch comes from `train_data.TailoredCollator`, where every prefix ends at the s
       2 forwards instead of the original's 5.
   mle nograd|no: the prefix without grad, then ONE forward over [anchor, pos, neg] on the
       prefix cache repeated x3. 2 forwards instead of 4-5.
-When the full forward returns no reusable cache (gradient checkpointing turns the cache off,
-sliding-window layers), the prefix is run once more without grad: still 3 forwards. Under
-gradient checkpointing the forwards that read the prefix cache run unchecked (`cache_kept`):
-transformers 5 layers silently drop a passed cache when checkpointing.
+The LM forward passes a recording cache that keeps only the prefix columns of the triplet rows
+(detached); the contrast forward reads them through a cache that joins [prefix | new] without
+storing anything or repeating the prefix per continuation. Both caches' `update` is a pure
+function of its inputs, so under gradient checkpointing the layers may keep them
+(`checkpoint_with_cache`; transformers 5 layers drop any other passed cache, whose replay would
+grow it twice) and every forward stays checkpointed. When the model's cache layers are not plain
+(sliding windows), or the installed transformers cannot let a checkpointed layer keep a cache, the
+prefix is run once more without grad (3 forwards), and a forward that reads a cache the layers would
+drop runs unchecked (`cache_kept`).
+
+The LM loss either reads the model's logits (`--lm_loss_impl logits`) or, from the final hidden
+states, calls the output head chunk by chunk (`chunked`, losses.chunked_lm_loss) or liger's fused
+linear cross-entropy (`liger`): the forward then computes the last position's logits only. That
+needs logits = head(final hidden state), checked once per model (`output_head`); otherwise logits.
 
 Values equal the literal five-forward reference (`tests/reference.py`; tests hold them to 1e-4),
 and so do gradients except with --cl_anchor full. Forwards always run on every rank, even when
 no row of the batch has a triplet, because ZeRO-3 gathers parameters collectively inside each
 forward. Parameters are never touched directly: everything goes through the (possibly wrapped)
-model's forward, and final hidden states are read with a forward hook on the base model, so
-DeepSpeed/DDP wrappers and peft's PeftModel (--lora_r) work. The cache and keyword renames of
+model's forward (the output head's too: it is called as a module), and final hidden states are
+read with a forward hook on the base model, so DeepSpeed/DDP wrappers and peft's PeftModel
+(--lora_r) work; only `liger` reads the head's weight itself, and is refused under ZeRO-3. The cache and keyword renames of
 transformers 5.x live here too.
 """
 from __future__ import annotations
 
 import inspect
-from contextlib import contextmanager
-from typing import Iterator
+import re
+import weakref
+from contextlib import contextmanager, nullcontext
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.modeling_layers import GradientCheckpointingLayer
 
-from losses import (CONTRAST_LOSSES, ContrastInputs, LossConfig, clip_self_reflection, representation, token_logprobs,
-                    weighted_lm_loss)
+import distributed
+from losses import (CONTRAST_LOSSES, ContrastInputs, LossConfig, chunked_lm_loss, clip_self_reflection, liger_lm_loss,
+                    representation, token_logprobs, weighted_lm_loss)
 
 # ---------------------------------------------------------------- model plumbing
 
@@ -46,11 +61,14 @@ def _is_peft(model: torch.nn.Module) -> bool:
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The HF model inside DDP / DeepSpeedEngine / accelerate wrappers (they all keep it in .module)
-    and inside a peft `PeftModel` (--lora_r > 0: the HF model with the adapters injected)."""
+    """The HF model inside DDP / DeepSpeedEngine / accelerate wrappers (they all keep it in .module),
+    inside torch.compile's OptimizedModule (._orig_mod) and inside a peft `PeftModel` (--lora_r > 0:
+    the HF model with the adapters injected)."""
     while True:
         if isinstance(getattr(model, "module", None), torch.nn.Module):
             model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+            model = model._orig_mod
         elif _is_peft(model):
             model = model.get_base_model()
         else:
@@ -103,14 +121,31 @@ def _checkpointing(model: torch.nn.Module) -> bool:
     return False
 
 
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """Gradient checkpointing of every decoder layer, non-reentrant (the replay then needs no input that
+    requires grad, so peft adapters and the caches below work)."""
+    inner = unwrap(model)
+    if not getattr(inner, "supports_gradient_checkpointing", False):
+        from common import UserError
+        raise UserError(f"--gradient_checkpointing: {type(inner).__name__} does not support gradient checkpointing")
+    if hasattr(inner, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _checkpointed_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in unwrap(model).modules() if getattr(m, "gradient_checkpointing", False) is True]
+
+
 @contextmanager
 def cache_kept(model: torch.nn.Module) -> Iterator[None]:
     """Run a forward that reads a KV cache without gradient checkpointing.
 
     Under checkpointing, transformers 5 layers silently DROP a passed cache (the replay would update it
-    twice), so a continuation would lose its prefix. The forwards that read the prefix cache therefore run
-    unchecked (their activations are kept: more memory, same values); everything else stays checkpointed."""
-    flagged = [m for m in unwrap(model).modules() if getattr(m, "gradient_checkpointing", False) is True]
+    twice), so a continuation would lose its prefix. Forwards that read a cache which is not one of ours
+    (below) therefore run unchecked (their activations are kept: more memory, same values)."""
+    flagged = _checkpointed_layers(model)
     for module in flagged:
         module.gradient_checkpointing = False
     try:
@@ -120,33 +155,132 @@ def cache_kept(model: torch.nn.Module) -> Iterator[None]:
             module.gradient_checkpointing = True
 
 
-def reuse_prefix_cache(cache, width: int, repeats: int, rows: torch.Tensor):
-    """The full forward's cache for `rows`, cut to its first `width` columns, detached, each row repeated.
+CAN_KEEP_CACHE = hasattr(GradientCheckpointingLayer, "_can_checkpoint_with_cache")  # transformers >= 5.2x
 
-    None when the cache cannot be cut that way (absent, sliding-window or other special layers)."""
-    layers = getattr(cache, "layers", None)
-    if not layers or not all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers):
+
+@contextmanager
+def checkpoint_with_cache(model: torch.nn.Module) -> Iterator[None]:
+    """Let checkpointed layers keep a passed cache during the next forward: only for `_RecordingLayer` /
+    `_PrefixLayer` caches, whose update a replay may repeat (it reads the same prefix and records nothing).
+    Where transformers cannot keep a cache under checkpointing, the forward runs unchecked (`cache_kept`)."""
+    flagged = [m for m in _checkpointed_layers(model) if isinstance(m, GradientCheckpointingLayer)]
+    if flagged and not CAN_KEEP_CACHE:
+        with cache_kept(model):
+            yield
+        return
+    for module in flagged:
+        module._can_checkpoint_with_cache = True
+    try:
+        yield
+    finally:
+        for module in flagged:
+            del module._can_checkpoint_with_cache  # back to the class's False
+
+
+# ---------------------------------------------------------------- prefix caches
+
+class _RecordingLayer(DynamicLayer):
+    """The LM forward's cache layer: keeps a detached copy of the prefix columns of the rows that have a
+    triplet (so the full-width cache of every row never exists) and hands the new K/V back unchanged, so
+    the forward attends exactly as it would without a cache. A replay records nothing again."""
+
+    def __init__(self, rows: torch.Tensor, width: int):
+        super().__init__()
+        self.rows, self.width, self.done = rows, width, False
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.done:
+            # Detached: the triplet loss must not push gradients into the prefix through pos/neg (as in the
+            # original, whose prefix ran without grad). Detached before indexing, so autograd records
+            # nothing here that a replay (which skips this) would miss; indexing copies.
+            self.keys = key_states.detach()[self.rows, :, :self.width]
+            self.values = value_states.detach()[self.rows, :, :self.width]
+            self.device, self.is_initialized, self.done = key_states.device, True, True
+        return key_states, value_states
+
+    def get_seq_length(self) -> int:
+        return 0  # nothing before the forward's own tokens
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return query_length, 0
+
+
+class _PrefixLayer(DynamicLayer):
+    """A prefix's K/V (N rows) read by `repeats` continuations per row: `update` returns [prefix | new]
+    and stores nothing, so the prefix is neither kept repeated nor grown."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, repeats: int):
+        super().__init__()
+        self.keys, self.values, self.repeats = keys, values, repeats
+        self.device, self.is_initialized = keys.device, True
+
+    def _joined(self, prefix: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        # One allocation: the expanded prefix and the new states meet in the cat (row i's continuations are
+        # rows i*repeats ... of `new`, the order of Cache.batch_repeat_interleave).
+        n, r = prefix.shape[0], self.repeats
+        joined = torch.cat([prefix.unsqueeze(1).expand(n, r, *prefix.shape[1:]), new.view(n, r, *new.shape[1:])], -2)
+        return joined.view(n * r, *joined.shape[2:])
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        return self._joined(self.keys, key_states), self._joined(self.values, value_states)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.repeats *= repeats
+
+
+class _PrefixCache(DynamicCache):
+    def __init__(self, layers: list[DynamicLayer]):
+        Cache.__init__(self, layers=layers)
+
+
+def recording_cache(model: torch.nn.Module, rows: torch.Tensor, width: int) -> _PrefixCache | None:
+    """A cache for the LM forward that records the prefix of `rows`; None when the model's cache layers are
+    not all plain (sliding windows, shared or linear-attention layers): the prefix is then recomputed."""
+    if not CAN_KEEP_CACHE and _checkpointed_layers(model):
+        return None  # the layers would drop it; recomputing the prefix keeps the LM forward checkpointed
+    config = unwrap(model).config
+    try:
+        layers = DynamicCache(config=config).layers
+        count = config.get_text_config(decoder=True).num_hidden_layers
+    except Exception:  # an architecture whose cache this cannot describe: take the general path
         return None
-    for layer in layers:
-        # Detached: the triplet loss must not push gradients into the prefix through pos/neg (as in the
-        # original, whose prefix ran without grad). Indexing copies, freeing the full-width cache.
-        layer.keys = layer.keys[rows, :, :width].detach()
-        layer.values = layer.values[rows, :, :width].detach()
-    cache.batch_repeat_interleave(repeats)
-    return cache
+    if len(layers) != count or not all(type(layer) is DynamicLayer for layer in layers):
+        return None
+    return _PrefixCache([_RecordingLayer(rows, width) for _ in range(count)])
+
+
+def reuse_prefix_cache(cache, repeats: int) -> _PrefixCache | None:
+    """The LM forward's recorded prefix as the cache of the contrast forward (each row read `repeats` times);
+    None when nothing was recorded (e.g. a transformers that drops caches under checkpointing)."""
+    layers = getattr(cache, "layers", None)
+    if not layers or not all(isinstance(layer, _RecordingLayer) and layer.done for layer in layers):
+        return None
+    served = _PrefixCache([_PrefixLayer(layer.keys, layer.values, repeats) for layer in layers])
+    for layer in layers:  # the served cache holds the only reference: freed with it
+        layer.keys = layer.values = None
+    return served
 
 
 def prefix_cache(model: torch.nn.Module, batch: dict, repeats: int, rows: torch.Tensor | None = None):
-    """(KV cache of the left-padded prefixes (of `rows`), computed without grad, each row repeated;
-    the prefixes' last-position logits (N, V), which predict every continuation's first token)."""
+    """(KV cache of the left-padded prefixes (of `rows`), computed without grad, each row read `repeats`
+    times; the prefixes' last-position logits (N, V), which predict every continuation's first token)."""
     width = batch["prefix_ids"].shape[1]
     pick = slice(None) if rows is None else rows
     with torch.no_grad():
         out = _forward(model, batch["prefix_ids"][pick], batch["prefix_mask"][pick],
                        batch["position_ids"][pick, :width], use_cache=True, logits=False)
     cache = _output_cache(out)
-    cache.batch_repeat_interleave(repeats)
+    layers = getattr(cache, "layers", None)
+    if layers and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers):
+        cache = _PrefixCache([_PrefixLayer(layer.keys, layer.values, repeats) for layer in layers])
+    else:
+        cache.batch_repeat_interleave(repeats)
     return cache, out.logits[:, -1]
+
+
+def _reading(model: torch.nn.Module, cache):
+    """How a forward that reads `cache` is run under gradient checkpointing."""
+    return checkpoint_with_cache(model) if isinstance(cache, _PrefixCache) else cache_kept(model)
 
 
 def triplet_rows(triplet_mask: torch.Tensor) -> torch.Tensor:
@@ -163,6 +297,87 @@ def _interleave(*parts: torch.Tensor) -> torch.Tensor:
     """Rows of k tensors of shape (B*n_i, W) -> per original row i: parts[0][i], parts[1][...], ... ."""
     b = parts[0].shape[0]
     return torch.cat([p.reshape(b, -1, p.shape[1]) for p in parts], 1).reshape(-1, parts[0].shape[1])
+
+
+# ---------------------------------------------------------------- the output head (--lm_loss_impl)
+
+# Config fields of architectures whose logits are not head(final hidden state): softcapping (Gemma 2/3),
+# logit scales (Cohere, Granite), muP-style multipliers (Falcon-H1, MiniCPM).
+_LOGIT_CHANGING = re.compile(r"final_logit_softcap|logit_scal|logits_scal|lm_head_mult|output_mult|dim_model_base")
+_HEADS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _note(message: str) -> None:
+    if distributed.is_main():
+        print(f"note: {message}")
+
+
+def _partitioned(module: torch.nn.Module) -> bool:
+    return any(hasattr(p, "ds_id") for p in module.parameters())  # a ZeRO-3 parameter
+
+
+def output_head(model: torch.nn.Module, cfg: LossConfig, batch: dict) -> tuple[str, torch.nn.Module | None]:
+    """(the LM loss path actually taken, the output head module or None for `logits`), decided once per model.
+
+    The chunked and fused paths need logits = head(final hidden state): the model must take logits_to_keep,
+    have no logit-changing config field, and pass a check on a few positions of this batch (a forward
+    without grad, on every rank alike); otherwise the loss reads the model's logits, with a note."""
+    if cfg.lm_loss_impl == "logits":
+        return "logits", None
+    inner = unwrap(model)
+    key = (cfg.lm_loss_impl,)
+    if key in _HEADS.get(inner, {}):
+        return _HEADS[inner][key]
+    impl, head, why = cfg.lm_loss_impl, inner.get_output_embeddings(), None
+    changing = [k for k, v in inner.config.to_dict().items() if _LOGIT_CHANGING.search(k) and v not in (None, False)]
+    if not isinstance(head, torch.nn.Module):
+        why = "the model has no output head module"
+    elif "logits_to_keep" not in _forward_params(model):
+        why = f"{type(inner).__name__}.forward takes no logits_to_keep"
+    elif changing:
+        why = f"its logits are not the head's output ({', '.join(changing)})"
+    else:
+        ids, mask = batch["cont_ids"][:1, :8], torch.ones_like(batch["cont_mask"][:1, :8])
+        with torch.no_grad(), final_hidden(model) as store:
+            logits = _forward(model, ids, mask, torch.arange(ids.shape[1], device=ids.device)[None]).logits
+            mine = head(store["hidden"])
+        scale = logits.float().abs().max().clamp(min=1e-6)
+        if mine.shape != logits.shape or (mine.float() - logits.float()).abs().max() > 1e-2 * scale:
+            why = "its logits differ from the head applied to the final hidden state"
+    if why:
+        _note(f"--lm_loss_impl {impl}: {why}; the LM loss reads the model's full logits")
+        impl, head = "logits", None
+    elif impl == "liger" and (not isinstance(head, torch.nn.Linear) or _partitioned(head)):
+        _note("--lm_loss_impl liger needs the output head's weight itself (a plain Linear, not partitioned by "
+              "ZeRO-3); using chunked")
+        impl = "chunked"
+    _HEADS.setdefault(inner, {})[key] = (impl, head)
+    return impl, head
+
+
+def _chunks_everywhere(head: torch.nn.Module, device: torch.device) -> Callable[[int], int] | None:
+    """Under ZeRO-3 with several ranks, the largest chunk count of any rank: each head call gathers its
+    parameters collectively, so every rank must make as many."""
+    dist = torch.distributed
+    if not (_partitioned(head) and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+
+    def most(count: int) -> int:
+        t = torch.tensor([count], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
+    return most
+
+
+def lm_loss(impl: str, head, logits, hidden, ids, mask, cont_mask, mode: str, cfg: LossConfig) -> torch.Tensor:
+    """`weighted_lm_loss` by the path `output_head` chose: from the logits, or from the hidden states."""
+    if impl == "logits":
+        return weighted_lm_loss(logits, ids, mask, cont_mask, mode, cfg.mle_w)
+    if impl == "liger":
+        return liger_lm_loss(hidden, head.weight, head.bias, ids, mask, cont_mask, mode, cfg.mle_w)
+    return chunked_lm_loss(hidden, head, ids, mask, cont_mask, mode, cfg.mle_w, cfg.lm_loss_chunk,
+                           _chunks_everywhere(head, hidden.device))
 
 
 # ---------------------------------------------------------------- the step
@@ -187,26 +402,29 @@ def compute_tailored_loss(model: torch.nn.Module, batch: dict, cfg: LossConfig) 
     cont_ids, cont_mask = batch["cont_ids"], batch["cont_mask"]
     width = prefix_ids.shape[1]
     want_logprobs = cfg.needs_logprobs
+    impl, head = output_head(model, cfg, batch) if cfg.mle != "no" else ("logits", None)
     if cfg.mle in ("weight", "hf"):
         ids, mask = torch.cat([prefix_ids, cont_ids], 1), torch.cat([prefix_mask, cont_mask], 1)
-        with final_hidden(model) as full:
-            # Under checkpointing the layers would turn the cache off anyway (with a warning): fall back below.
-            reuse = cfg.contrastive and not _checkpointing(model)
-            out = _forward(model, ids, mask, batch["position_ids"], use_cache=reuse)
-        lm = weighted_lm_loss(out.logits, ids, mask, torch.cat([torch.zeros_like(prefix_mask), cont_mask], 1),
-                              cfg.mle, cfg.mle_w)
+        parts = 3 if cfg.cl_anchor == "detached" else 2  # detached: the anchor is re-read on the prefix cache too
+        rows = triplet_rows(batch["triplet_mask"]) if cfg.contrastive else None
+        recorder = recording_cache(model, rows, width) if cfg.contrastive else None
+        with final_hidden(model) as full, (checkpoint_with_cache(model) if recorder is not None else nullcontext()):
+            out = _forward(model, ids, mask, batch["position_ids"], cache=recorder, use_cache=recorder is not None,
+                           logits=impl == "logits")
+        lm = lm_loss(impl, head, out.logits, full["hidden"], ids, mask,
+                     torch.cat([torch.zeros_like(prefix_mask), cont_mask], 1), cfg.mle, cfg)
         if not cfg.contrastive:
             return lm, {"lm_loss": lm.detach()}
         # Positives and negatives only for rows that have a triplet (rows without one are masked out anyway).
-        rows = triplet_rows(batch["triplet_mask"])
         pairs = torch.stack([2 * rows, 2 * rows + 1], 1).flatten()
-        parts = 3 if cfg.cl_anchor == "detached" else 2  # detached: the anchor is re-read on the prefix cache too
         anchor = representation(full["hidden"][rows, width:], cont_mask[rows], cfg.cl_repr) if parts == 2 else None
-        first_logits = out.logits[rows, width - 1] if want_logprobs else None
-        cache = reuse_prefix_cache(_output_cache(out), width, parts, rows)
+        first_logits = None
+        if want_logprobs:
+            first_logits = out.logits[rows, width - 1] if impl == "logits" else head(full["hidden"][rows, width - 1])
+        cache = reuse_prefix_cache(recorder, parts)
         if cache is None:
             cache, _ = prefix_cache(model, batch, parts, rows)
-        del out, full
+        del out, full, recorder
         ids, mask, positions = (batch[key][pairs] for key in ("contrast_ids", "contrast_mask", "contrast_position_ids"))
         if parts == 3:
             columns = max(cont_ids.shape[1], ids.shape[1])
@@ -214,11 +432,12 @@ def compute_tailored_loss(model: torch.nn.Module, batch: dict, cfg: LossConfig) 
             mask = _interleave(_pad_right(cont_mask[rows], columns), _pad_right(mask, columns))
             positions = _interleave(_pad_right(batch["position_ids"][rows, width:], columns),
                                     _pad_right(positions, columns))
-        columns = int(mask.sum(1).max())  # right-padded: drop columns only dropped rows used
+        columns = contrast_columns(mask, batch.get("width_multiple", 1))  # right-padded: drop columns only dropped rows used
         ids, mask, positions = ids[:, :columns], mask[:, :columns], positions[:, :columns]
-        with final_hidden(model) as contrast, cache_kept(model):
+        with final_hidden(model) as contrast, _reading(model, cache):
             out = _forward(model, ids, torch.cat([prefix_mask[rows].repeat_interleave(parts, 0), mask], 1), positions,
                            cache=cache, use_cache=True, logits=want_logprobs)
+        del cache
         inputs = _contrast_inputs(contrast["hidden"], ids, mask, parts, cfg, batch["triplet_mask"][rows], anchor,
                                   out.logits if want_logprobs else None, first_logits)
     else:
@@ -229,11 +448,13 @@ def compute_tailored_loss(model: torch.nn.Module, batch: dict, cfg: LossConfig) 
         positions = _interleave(_pad_right(batch["position_ids"][:, width:], columns),
                                 _pad_right(batch["contrast_position_ids"], columns))
         cache, first_logits = prefix_cache(model, batch, 3)
-        with final_hidden(model) as store, cache_kept(model):
+        with final_hidden(model) as store, _reading(model, cache):
             out = _forward(model, ids, torch.cat([prefix_mask.repeat_interleave(3, 0), mask], 1), positions,
-                           cache=cache, use_cache=True, logits=cfg.mle == "nograd" or want_logprobs)
+                           cache=cache, use_cache=True, logits=(cfg.mle == "nograd" and impl == "logits") or want_logprobs)
+        del cache
         hidden = store["hidden"]
-        lm = (weighted_lm_loss(out.logits[0::3], ids[0::3], mask[0::3], mask[0::3], "nograd")
+        lm = (lm_loss(impl, head, out.logits[0::3] if impl == "logits" else None, hidden[0::3], ids[0::3], mask[0::3],
+                      mask[0::3], "nograd", cfg)
               if cfg.mle == "nograd" else hidden.new_zeros((), dtype=torch.float32))
         inputs = _contrast_inputs(hidden, ids, mask, 3, cfg, batch["triplet_mask"],
                                   logits=out.logits if want_logprobs else None, first_logits=first_logits)
@@ -242,3 +463,10 @@ def compute_tailored_loss(model: torch.nn.Module, batch: dict, cfg: LossConfig) 
         cl = clip_self_reflection(lm, cl)
     metrics = {"lm_loss": lm.detach(), "cl_loss": cl.detach(), "triplet_fraction": batch["triplet_mask"].float().mean()}
     return lm + cl, metrics
+
+
+def contrast_columns(mask: torch.Tensor, multiple: int = 1) -> int:
+    """Columns of the contrast forward: its longest real row, rounded up to `multiple` (a bucketed batch's
+    `width_multiple`, so compiled kernels see few shapes; the extra columns are masked)."""
+    used = int(mask.sum(1).max())
+    return min(mask.shape[1], -(-used // multiple) * multiple)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import sys
 import time
 from collections import Counter
@@ -106,9 +107,18 @@ def build_requests(task: TaskSpec, backend: Backend, jobs: list[tuple[Example, s
 
 # ---------------------------------------------------------------- entry point
 
+def random_draw(examples: list[Example], n: int | None, seed: int) -> list[Example]:
+    """`n` of `examples` drawn without replacement (all of them when n is None), in their split order."""
+    if n is None:
+        return examples
+    if n > len(examples):
+        raise UserError(f"--random_questions {n}: the split has only {len(examples)} questions")
+    return [examples[i] for i in sorted(random.Random(f"random_questions:{seed}").sample(range(len(examples)), n))]
+
+
 def _jobs(args, examples: list[Example]) -> tuple[list[tuple[Example, str | None]], list[str]]:
     if args.mode == "annotate":
-        return [(ex, None) for ex in examples], []
+        return [(ex, None) for ex in random_draw(examples, args.random_questions, args.seed)], []
     return load_student_wrong(args.student_wrong, examples, args.skip_unknown_questions,
                               args.max_wrong_per_question)
 
@@ -248,7 +258,9 @@ def read_summary(out: Path) -> dict | None:
         return None
     return {"teacher_data": str(out / "teacher_data.json"), "template_hash": summary.get("template_hash"),
             "model": summary.get("model"), "kept": summary["samples"]["kept"],
-            "rejected": summary["samples"]["rejected"], "cost_usd": summary["cost_usd"]["all_requests"]}
+            "rejected": summary["samples"]["rejected"], "cost_usd": summary["cost_usd"]["all_requests"],
+            "requests": summary["requests"]["total"], "questions_asked": summary.get("questions_asked"),
+            "tokens": summary.get("tokens")}
 
 
 async def _collect(collector: Collector, pending: list[Request], records: dict, n: int) -> None:

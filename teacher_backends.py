@@ -18,7 +18,7 @@ from answers import CLOSING_FINAL_SENTENCE, final_sentence, format_number, numbe
 from common import UserError, redact
 from tasks import TaskSpec
 from teacher_journal import OFFLINE_MODEL, Reply, Request, estimate_tokens, is_empty_reply, prompt_text
-from teacher_templates import gold_text
+from teacher_templates import SOLUTION_MARKER, gold_text
 from wordmath import CONNECTORS, STEP_BY_STEP
 
 LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1", "0.0.0.0"}
@@ -194,11 +194,7 @@ def diagnose(wrong: str, gold_rationale: str, task: TaskSpec, gold: str) -> str:
     return f"The final answer{shown} is wrong; the correct answer is {gold}."
 
 
-OPENERS = {
-    "annotate": ["", STEP_BY_STEP],
-    "feedback": ["Here is the correct reasoning.", "Let's redo it correctly.", "The correct solution goes like this.",
-                 "Starting again from the beginning.", "Let's fix it step by step."],
-}
+OPENERS = ["", STEP_BY_STEP]
 
 
 _CONNECTOR = re.compile("|".join(re.escape(c) for c in CONNECTORS))
@@ -208,15 +204,15 @@ def _rephrase(body: str, connector: str, rng: random.Random) -> str:
     """The gold steps in another wording: the first step keeps `connector`, later ones are re-drawn,
     and the gold's own closing sentence gives way to ours."""
     body = CLOSING_FINAL_SENTENCE.sub("", body)
-    for opener in OPENERS["annotate"]:
+    for opener in OPENERS:
         if opener and body.startswith(opener):
             body = body[len(opener):].lstrip()
     picks = iter([connector] + [rng.choice(CONNECTORS) for _ in range(len(_CONNECTOR.findall(body)))])
     return _CONNECTOR.sub(lambda _: next(picks), body)
 
 
-def _variants(kind: str) -> list[tuple[str, str]]:
-    return [(opener, conn) for conn in CONNECTORS for opener in OPENERS[kind]]
+def _variants() -> list[tuple[str, str]]:
+    return [(opener, conn) for conn in CONNECTORS for opener in OPENERS]
 
 
 class OfflineTeacher:
@@ -240,12 +236,12 @@ class OfflineTeacher:
     def answer(self, request: Request) -> Reply:
         rng = random.Random(request.key)  # the key already holds seed and params
         ex = request.example
-        pool = _variants(request.kind)
+        pool = _variants()
         picks = rng.sample(range(len(pool)), min(self._n, len(pool)))
         picks += [rng.randrange(len(pool)) for _ in range(self._n - len(picks))]
         prefix = ""
-        if request.kind == "feedback":
-            prefix = diagnose(request.wrong or "", ex.rationale or "", self.task, ex.gold)
+        if request.kind == "feedback":  # the critique, then the solution (as FEEDBACK asks a real teacher)
+            prefix = f"{diagnose(request.wrong or '', ex.rationale or '', self.task, ex.gold)} {SOLUTION_MARKER}"
         texts = []
         for i in picks:
             opener, connector = pool[i]

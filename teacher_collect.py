@@ -15,6 +15,7 @@ from common import redact
 from tasks import TaskSpec
 from teacher_backends import Backend, FatalError, RequestError, RetryableError
 from teacher_journal import Journal, Prices, Reply, Request, estimate_tokens, prompt_text
+from teacher_templates import split_feedback
 
 MAX_BACKOFF_S = 60.0
 
@@ -213,10 +214,15 @@ class Collector:
 
 # ---------------------------------------------------------------- judging teacher replies
 
-def judge(task: TaskSpec, text: str, gold: str) -> tuple[str | None, str]:
-    """(one-paragraph rationale cut after its final sentence, reason); reason 'kept' or why not."""
+def judge(task: TaskSpec, text: str, gold: str, kind: str = "annotate") -> tuple[str | None, str]:
+    """(one-paragraph rationale cut after its final sentence, reason); reason 'kept' or why not.
+    A feedback reply is judged on its solution, after SOLUTION_MARKER; its critique is not training data."""
     if not text or not text.strip():
         return None, "empty"
+    if kind == "feedback":
+        text = split_feedback(text)[1]
+        if not text:
+            return None, "no_solution_marker"
     paragraph = tasks.fold(text)
     final = FINAL_SENTENCE.search(paragraph)
     if final is None:
@@ -255,7 +261,8 @@ def build_outputs(task: TaskSpec, requests: list[Request], records: dict[str, di
             provenance.append({**base, "rationale": None, "kept": False, "reason": reason})
             continue
         for text in record["texts"]:
-            rationale, reason = judge(task, text, request.example.gold)
+            rationale, reason = judge(task, text, request.example.gold, request.kind)
+            critique = {"critique": split_feedback(text)[0]} if request.kind == "feedback" else {}
             kept_list = data.setdefault(request.example.question, [])
             if reason == "kept" and rationale in kept_list:
                 reason = "duplicate"
@@ -263,7 +270,7 @@ def build_outputs(task: TaskSpec, requests: list[Request], records: dict[str, di
                 kept_list.append(rationale)
             else:
                 reasons[reason] = reasons.get(reason, 0) + 1
-            provenance.append({**base, "rationale": rationale, "kept": reason == "kept", "reason": reason})
+            provenance.append({**base, **critique, "rationale": rationale, "kept": reason == "kept", "reason": reason})
     data = {q: r for q, r in data.items() if r}
     kept = sum(len(r) for r in data.values())
     counts = {"kept": kept, "rejected": sum(reasons.values()), "rejected_by_reason": dict(sorted(reasons.items())),

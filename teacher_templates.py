@@ -9,6 +9,7 @@ reusing answers to the old prompt.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 
 from answers import CHOICE_LETTERS, KINDS
@@ -30,9 +31,15 @@ Correct answer: {answer}
 
 Write the reasoning that leads to the correct answer."""
 
+# A feedback reply is the critique of the student's attempt, this marker, then the corrected solution. Only the
+# solution becomes training data (`split_feedback`): the student is trained on the question alone, and a
+# critique in its target taught it to open every answer by finding fault with an attempt it was never shown.
+SOLUTION_MARKER = "Correct solution:"
+_SOLUTION_MARKER = re.compile(r"correct solution\s*:", re.IGNORECASE)
+
 FEEDBACK = """A student tried the question below and went wrong. Read the student's attempt, find its first \
-mistake, and say in one sentence what was wrong and what it should have been. Then solve the question correctly \
-step by step, in the same paragraph.
+mistake, and say in one sentence what was wrong and what it should have been. Then write "Correct solution:" and \
+solve the question correctly step by step, in the same paragraph, without referring to the student's attempt.
 {final_sentence}
 
 Question: {question}{choices}
@@ -42,6 +49,14 @@ Correct answer: {answer}
 Write your reply as one paragraph."""
 
 TEMPLATES = {"annotate": ANNOTATE, "feedback": FEEDBACK}
+
+
+def split_feedback(text: str) -> tuple[str, str | None]:
+    """(critique, solution) of a feedback reply, split at the first SOLUTION_MARKER; solution None without one."""
+    found = _SOLUTION_MARKER.search(text)
+    if found is None:
+        return text.strip(), None
+    return text[:found.start()].strip(), text[found.end():].strip()
 
 
 @dataclass(frozen=True)

@@ -4,16 +4,18 @@ accuracy by generation at each epoch, best-K checkpoints, redacted configs besid
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import math
 import random
 import shutil
 import sys
 import time
-from dataclasses import fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
+from torch.optim.adamw import adamw
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -25,9 +27,10 @@ from common import UserError, atomic_write_json, check_output_dir, read_json, re
 from generation import (SamplingConfig, check_model_path, evaluate, load_config, load_tokenizer, load_weights,
                         max_positions, tokenizer_source, torch_dtype)
 from losses import LossConfig, clip_self_reflection
-from shared_step import compute_tailored_loss, unwrap
+from shared_step import compute_tailored_loss, enable_checkpointing, unwrap
 from tasks import get_task, has_validation, load_demos, load_split
-from train_data import TailoredCollator, TailoredDataset, UniqueQuestionBatchSampler, build_train_data
+from train_data import (TailoredCollator, TailoredDataset, UniqueQuestionBatchSampler, build_train_data,
+                        positions_from_mask)
 
 METRICS = ("lm_loss", "cl_loss", "triplet_fraction")
 WARMUP_LOG = "warmup_log"  # --lr_scheduler_type of the original's DeepSpeed WarmupLR (warmup_log_factor)
@@ -64,10 +67,11 @@ class TailoredTrainer(Trainer):
 
     # ------------------------------------------------------------ losses
     def _record(self, metrics: dict) -> None:
+        # Kept as tensors until a log reads them: a float() here would wait for the GPU every step.
         for name in METRICS:
             if name in metrics:
                 value = metrics[name]
-                self._running[name].append(float(value.detach() if torch.is_tensor(value) else value))
+                self._running[name].append(value.detach() if torch.is_tensor(value) else torch.tensor(float(value)))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, metrics = compute_tailored_loss(model, inputs, self.loss_cfg)
@@ -75,6 +79,13 @@ class TailoredTrainer(Trainer):
         return (loss, metrics) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = self._losses_step(model, inputs, num_items_in_batch)
+        # The Trainer's logging_nan_inf_filter (turned off in training_arguments: its check waits for the GPU
+        # every step), as a tensor op: a non-finite step loss counts as the mean of the steps since the last log.
+        since = 1 + self.state.global_step - self._globalstep_last_logged
+        return torch.where(torch.isfinite(loss), loss, self._tr_loss.to(loss.device) / since)
+
+    def _losses_step(self, model, inputs, num_items_in_batch=None):
         """--merge_losses no: LM and triplet losses get separate backward passes (lower peak memory,
         same gradient sum). DeepSpeed steps inside every backward, so there we always merge."""
         if self.merge_losses or not self.loss_cfg.contrastive or self.loss_cfg.mle == "no" or self.is_deepspeed_enabled:
@@ -82,7 +93,7 @@ class TailoredTrainer(Trainer):
         model.train()
         inputs = self._prepare_inputs(inputs)
         scale = 1.0 / self.args.gradient_accumulation_steps
-        total = torch.zeros(())
+        total = torch.zeros((), device=self.args.device)
         lm = None
         for cfg in (replace(self.loss_cfg, contrastive=False), replace(self.loss_cfg, mle="no", cl_clip=False)):
             with self.compute_loss_context_manager():
@@ -94,8 +105,22 @@ class TailoredTrainer(Trainer):
                 metrics["cl_loss"] = loss.detach()
             self._record(metrics)
             self.accelerator.backward(loss * scale)
-            total = total + loss.detach().cpu() * scale
+            total = total + loss.detach() * scale
         return total
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        """Without clipping (--max_grad_norm 0) the gradient norm only feeds the log, which shows the norm of
+        the step it logs at: computed on those steps only (the same logged values), not in every step."""
+        if grad_norm is None and not self.is_deepspeed_enabled and not self._logs_after_this_step():
+            return None
+        return super()._get_grad_norm(model, grad_norm)
+
+    def _logs_after_this_step(self) -> bool:
+        """Whether DefaultFlowCallback will log once the optimizer step now running ends."""
+        step, args = self.state.global_step + 1, self.args
+        if args.logging_strategy != "steps":
+            return True
+        return (step == 1 and args.logging_first_step) or step % (self.state.logging_steps or args.logging_steps) == 0
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         """--lr_scheduler_type warmup_log: the original's schedule outside DeepSpeed too."""
@@ -116,8 +141,9 @@ class TailoredTrainer(Trainer):
         if "loss" in logs:  # a training log: add the means of our parts since the last one
             for name, values in self._running.items():
                 if values:
+                    values = torch.stack([v.float().to(values[0].device) for v in values]).tolist()  # one wait
                     logs[name] = round(sum(values) / len(values), 4)
-                    values.clear()
+                    self._running[name].clear()
         super().log(logs, *args, **kwargs)
 
     # ------------------------------------------------------------ evaluation
@@ -391,7 +417,7 @@ def default_output_dir(args) -> str:
 # Fields of TrainArguments that mean something else here: precision is decided by `precision()`, the
 # output folder has our default, evaluation is our own accuracy by generation, the rank comes from the launcher.
 NOT_PASSED_TO_TRAINER = {"fp16", "bf16", "output_dir", "do_eval", "local_rank", "debug", "lr_scheduler_type", "deepspeed",
-                         "logging_steps"}
+                         "logging_steps", "optim", "gradient_checkpointing", "torch_compile"}  # the last three: set_up_model
 
 
 def training_arguments(args, output_dir: str, bf16: bool, fp16: bool, ds_config: dict | None = None) -> TrainingArguments:
@@ -401,11 +427,13 @@ def training_arguments(args, output_dir: str, bf16: bool, fp16: bool, ds_config:
     return TrainingArguments(
         **{name: getattr(args, name) for name in shared}, output_dir=output_dir, bf16=bf16, fp16=fp16,
         lr_scheduler_type="constant" if args.lr_scheduler_type == WARMUP_LOG else args.lr_scheduler_type,  # see create_scheduler
+        optim="adamw_torch_fused" if args.optim == "auto" else args.optim,
         deepspeed=ds_config,  # deepspeed_config(args), read once by run_training
         logging_steps=1 if args.debug else args.logging_steps,
         use_cpu=cpu, ddp_backend="gloo" if cpu and distributed.world_size() > 1 else None,
         eval_strategy="epoch" if args.do_eval else "no", logging_first_step=True,
         report_to=["tensorboard"] + (["wandb"] if args.wandb else []),
+        logging_nan_inf_filter=False,  # TailoredTrainer.training_step filters, without a wait per step
         remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=False)
 
 
@@ -425,6 +453,167 @@ def deepspeed_config(args) -> dict:
     if args.lr_scheduler_type != WARMUP_LOG:
         config.pop("scheduler", None)
     return config
+
+
+# ---------------------------------------------------------------- throughput switches
+
+def check_switches(args, ds_config: dict | None) -> None:
+    """The switches that need a package or rule out a setup, checked before anything slow starts."""
+    if args.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise UserError("--attn_implementation flash_attention_2 needs the flash-attn package (pip install flash-attn); "
+                        "sdpa needs nothing")
+    if args.lm_loss_impl == "liger":
+        if importlib.util.find_spec("liger_kernel") is None:
+            raise UserError("--lm_loss_impl liger needs liger-kernel (pip install liger-kernel); chunked needs nothing")
+        if ((ds_config or {}).get("zero_optimization") or {}).get("stage") == 3:
+            raise UserError("--lm_loss_impl liger reads the output head's weight, which ZeRO-3 partitions; use chunked")
+
+
+def attention_implementation(requested: str, config) -> str | None:
+    """--attn_implementation for from_pretrained; auto: sdpa where the architecture has it, else eager (said once).
+    None (transformers decides) for an architecture this transformers does not know (remote code)."""
+    if requested != "auto":
+        return requested
+    from transformers import AutoModelForCausalLM
+
+    try:
+        cls = AutoModelForCausalLM._model_mapping[type(config)]
+    except (KeyError, ValueError):
+        return None
+    if getattr(cls, "_supports_sdpa", False):
+        return "sdpa"
+    if distributed.is_main():
+        print(f"note: {cls.__name__} has no sdpa attention in this transformers; --attn_implementation auto uses eager")
+    return "eager"
+
+
+def model_kwargs(args, config) -> dict:
+    """from_pretrained keywords of the switches: attention kernel, and bf16 weights for --bf16_weights."""
+    kwargs = {}
+    attention = attention_implementation(args.attn_implementation, config)
+    if attention:
+        kwargs["attn_implementation"] = attention
+    if args.bf16_weights:
+        kwargs["dtype"] = torch.bfloat16
+    return kwargs
+
+
+def set_up_model(model: torch.nn.Module, args) -> torch.nn.Module:
+    """Checkpointing, LoRA, then compilation (of the layers LoRA has changed), in that order."""
+    if args.gradient_checkpointing:
+        enable_checkpointing(model)
+    if args.lora_r > 0:
+        model = add_lora(model, args)
+    if args.torch_compile:
+        compile_layers(model)
+    return model
+
+
+def compile_layers(model: torch.nn.Module, backend: str = "inductor") -> int:
+    """torch.compile each decoder layer (transformers' regional compilation: all layers share one compiled
+    graph per input shape, and the shared step's hooks and caches stay outside the compiled regions).
+    Shapes vary little once batches are bucketed (BucketedCollator); after the first change dynamo
+    compiles a dynamic-shape graph. Returns the number of layers compiled."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in unwrap(model).modules() if isinstance(m, GradientCheckpointingLayer)]
+    for layer in layers:
+        layer.compile(backend=backend)
+    if not layers:
+        raise UserError("--torch_compile: found no decoder layer to compile in this model")
+    return len(layers)
+
+
+def bucket_batch(batch: dict, multiple: int, pad_token_id: int) -> dict:
+    """A TailoredCollator batch with the prefix width (padded on the left), the continuation width and the
+    positive/negative width (on the right) rounded up to a multiple of `multiple`. The new columns are
+    masked, so every loss keeps its value; position ids are rebuilt the collator's way."""
+    def padded(ids, mask, left=False):
+        extra = -ids.shape[1] % multiple
+        sides = (extra, 0) if left else (0, extra)
+        return torch.nn.functional.pad(ids, sides, value=pad_token_id), torch.nn.functional.pad(mask, sides, value=0)
+
+    out = dict(batch, width_multiple=multiple)  # compute_tailored_loss rounds its trimmed widths up the same way
+    out["prefix_ids"], out["prefix_mask"] = padded(batch["prefix_ids"], batch["prefix_mask"], left=True)
+    out["cont_ids"], out["cont_mask"] = padded(batch["cont_ids"], batch["cont_mask"])
+    out["position_ids"] = positions_from_mask(torch.cat([out["prefix_mask"], out["cont_mask"]], 1))
+    if "contrast_ids" in batch:
+        out["contrast_ids"], out["contrast_mask"] = padded(batch["contrast_ids"], batch["contrast_mask"])
+        prefix_len = out["prefix_mask"].sum(1).repeat_interleave(2)
+        out["contrast_position_ids"] = positions_from_mask(out["contrast_mask"], prefix_len)
+    return out
+
+
+@dataclass
+class BucketedCollator:
+    """--pad_to_multiple_of N (64 with --torch_compile): the collator's batches, widths rounded up (bucket_batch)."""
+    collator: TailoredCollator
+    multiple: int
+
+    def __call__(self, features: list[dict]) -> dict:
+        return bucket_batch(self.collator(features), self.multiple, self.collator.pad_token_id)
+
+
+class MasterWeightAdamW(torch.optim.Optimizer):
+    """AdamW for low-precision (bf16) parameters, stepping fp32 master copies: each parameter's state holds
+    its fp32 master weight and fp32 moments; a step adds the gradient (upcast) to the master, and the
+    master, rounded, is copied back into the parameter. So updates smaller than a bf16 ulp of the weight
+    accumulate instead of vanishing. The masters start from the bf16 weights as loaded (the precision lost
+    in that first rounding does not come back). State dicts (checkpoints, --resume) carry the masters."""
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, fused: bool | None = None):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.fused = fused
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            for p in params:
+                state = self.state[p]
+                if not state:
+                    state["master"] = p.detach().float().clone()
+                    state["exp_avg"] = torch.zeros_like(state["master"])
+                    state["exp_avg_sq"] = torch.zeros_like(state["master"])
+                    # fused kernels want the step count on the parameter's device
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if self.fused else "cpu")
+            states = [self.state[p] for p in params]
+            masters = [s["master"] for s in states]
+            adamw(
+                masters, [p.grad.float() for p in params], [s["exp_avg"] for s in states],
+                [s["exp_avg_sq"] for s in states], [], [s["step"] for s in states], fused=self.fused or None,
+                amsgrad=False, beta1=group["betas"][0], beta2=group["betas"][1],
+                lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+            torch._foreach_copy_(params, masters)
+        return loss
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # torch casts floating-point state to each parameter's dtype: that would round the fp32 masters
+        # and moments of a resumed run to bf16, so they are put back as saved.
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        for p, i in zip(params, saved_ids):
+            saved = state_dict["state"].get(i)
+            if saved:
+                for key in ("master", "exp_avg", "exp_avg_sq"):
+                    self.state[p][key] = saved[key].to(device=p.device, dtype=torch.float32)
+                self.state[p]["step"] = saved["step"].to(device=p.device if self.fused else "cpu")
+
+
+def master_weight_optimizer(training_args: TrainingArguments) -> tuple[type, dict]:
+    """(class, keywords) of --bf16_weights' optimizer, with the Trainer's AdamW settings (it groups the
+    parameters for weight decay itself); fused on a GPU when --optim asks for a fused AdamW."""
+    fused = torch.cuda.is_available() and "fused" in str(training_args.optim)
+    return MasterWeightAdamW, dict(lr=training_args.learning_rate, betas=(training_args.adam_beta1, training_args.adam_beta2),
+                                   eps=training_args.adam_epsilon, fused=fused)
 
 
 def precision(args) -> tuple[bool, bool]:
@@ -465,6 +654,7 @@ def run_training(args) -> dict:
     ds_config = deepspeed_config(args) if args.deepspeed else None
     if ds_config is not None:
         check_lora_deepspeed(args, ds_config)
+    check_switches(args, ds_config)
     task = get_task(args.task)
     resume_from = check_resume(args)
     output_dir = args.output_dir or (str(Path(resume_from).parent) if resume_from else default_output_dir(args))
@@ -516,17 +706,22 @@ def run_training(args) -> dict:
                                                   batch_size=args.per_device_eval_batch_size))
 
     bf16, fp16 = precision(args)
+    if args.bf16_weights:
+        bf16 = False  # the weights themselves are bf16: no autocast over them
     training_args = training_arguments(args, output_dir, bf16, fp16, ds_config)  # before the model: ZeRO-3 partitions at load
-    model = load_weights(model_path, flag, args.allow_pickle, trust_remote_code=args.trust_remote_code)
+    model = load_weights(model_path, flag, args.allow_pickle, trust_remote_code=args.trust_remote_code,
+                         **model_kwargs(args, config))
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    if args.lora_r > 0:
-        model = add_lora(model, args)
+    model = set_up_model(model, args)
+    multiple = args.pad_to_multiple_of or (64 if args.torch_compile else 0)
+    collator = TailoredCollator(tokenizer.pad_token_id, tokenizer.eos_token_id, contrastive=args.contrastive)
 
     trainer = TailoredTrainer(
         model=model, args=training_args, train_dataset=TailoredDataset(data, seed=args.seed),
         eval_dataset=eval_setup["examples"] if eval_setup else None,  # read by our evaluate()
-        data_collator=TailoredCollator(tokenizer.pad_token_id, tokenizer.eos_token_id, contrastive=args.contrastive),
+        data_collator=BucketedCollator(collator, multiple) if multiple > 1 else collator,
+        optimizer_cls_and_kwargs=master_weight_optimizer(training_args) if args.bf16_weights else None,
         processing_class=tokenizer, loss_cfg=loss_cfg, merge_losses=args.merge_losses, eval_setup=eval_setup,
         lr_schedule=args.lr_scheduler_type, first_eval=args.do_first_eval,
         callbacks=[SaveExtrasCallback(as_dict(args), training_args.deepspeed, args.save_best)])

@@ -52,7 +52,7 @@ import student  # noqa: E402
 import tasks  # noqa: E402
 from losses import LossConfig  # noqa: E402
 from reference import FivePassCollator, five_pass_loss  # noqa: E402  (tests/reference.py)
-from shared_step import compute_tailored_loss  # noqa: E402
+from shared_step import compute_tailored_loss, enable_checkpointing  # noqa: E402
 from train_data import TailoredCollator, TailoredDataset, build_train_data  # noqa: E402
 
 CONFIGS = {
@@ -81,6 +81,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--precision", default=None, choices=["fp32", "bf16", "autocast"],
                    help="fp32, pure bf16 weights, or bf16 autocast over fp32 weights "
                         "(default: fp32 on cpu, bf16 for --config 1.3b, autocast otherwise on cuda)")
+    p.add_argument("--attn_implementation", default=None, choices=["eager", "sdpa", "flash_attention_2"],
+                   help="attention kernel (default: transformers' choice, sdpa where the architecture has it)")
+    p.add_argument("--gradient_checkpointing", action="store_true", help="checkpoint every decoder layer (both steps)")
+    p.add_argument("--lm_loss_impl", default="logits", choices=["logits", "chunked"],
+                   help="LM loss of the shared step from full logits or chunk by chunk through the head")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--steps_per_round", type=int, default=1)
@@ -258,8 +263,13 @@ def main() -> None:
     task_train = [ex for ex in tasks.load_split(args.task, "train", args.data_dir, limit=2000) if ex.rationale]
     tokenizer, model = make_tokenizer_and_model(args, task_train)
     model.to(device, dtype=torch.bfloat16 if precision == "bf16" else torch.float32).train()
+    if args.attn_implementation:
+        model.set_attn_implementation(args.attn_implementation)
+    if args.gradient_checkpointing:
+        enable_checkpointing(model)
     ours_batch, five_batch, text_tokens = make_batches(args, tokenizer, device)
-    cfg = LossConfig(mle=args.mle, contrastive=True, cl_repr=args.cl_repr, cl_anchor=args.cl_anchor)
+    cfg = LossConfig(mle=args.mle, contrastive=True, cl_repr=args.cl_repr, cl_anchor=args.cl_anchor,
+                     lm_loss_impl=args.lm_loss_impl)
     autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "autocast" else nullcontext)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.01)
     steps = {"shared": make_step("shared", model, optimizer, ours_batch, cfg, autocast),
@@ -270,7 +280,9 @@ def main() -> None:
           f"device {device}, {torch.get_num_threads()} threads, batch {args.batch} rows "
           f"({ours_batch['triplet_mask'].sum():.0f} with a triplet), {text_tokens} text tokens "
           f"(prefix width {ours_batch['prefix_ids'].shape[1]}, continuation width {ours_batch['cont_ids'].shape[1]}, "
-          f"pos/neg width {ours_batch['contrast_ids'].shape[1]}), mle {args.mle}, cl_repr {args.cl_repr}", flush=True)
+          f"pos/neg width {ours_batch['contrast_ids'].shape[1]}), mle {args.mle}, cl_repr {args.cl_repr}, "
+          f"attention {model.config._attn_implementation}, checkpointing {args.gradient_checkpointing}, "
+          f"LM loss {args.lm_loss_impl}", flush=True)
 
     if args.memory_child:
         print(json.dumps(cpu_peak_here(steps[args.memory_child], args.memory_steps, model)))

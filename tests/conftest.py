@@ -26,6 +26,18 @@ def run_script(*argv: str, env: dict | None = None, timeout: int = 600) -> subpr
                           timeout=timeout)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models' ops are too small to split: a second OpenMP thread only waits, and on a busy 2-core
+    machine that wait made such tests up to 20x slower. Modules opt in with `pytestmark`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
     """localdataset-style folder with a small wordmath task (train 240, validation 40, test 48)."""

@@ -113,8 +113,10 @@ class FakeOpenAIServer:
         if fault == "wrong":
             answer = _wrong(answer)
         n = int(body.get("n") or 1)
+        # a feedback request asks for a critique, then "Correct solution:", then the solution
+        critique = "The attempt went wrong at its first step. Correct solution: " if "Student's attempt:" in prompt else ""
         texts = ["" if fault == "empty" else " \n " if fault == "blank" else
-                 f"{OPENERS[i % len(OPENERS)]} Variant {i}: the facts in the question lead to the result. "
+                 f"{critique}{OPENERS[i % len(OPENERS)]} Variant {i}: the facts in the question lead to the result. "
                  f"Therefore, the answer is {answer}." for i in range(n)]
         choices = [] if fault == "nochoices" else [
             {"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": "stop", "logprobs": None}

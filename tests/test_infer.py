@@ -110,7 +110,7 @@ def test_bad_inputs_give_one_line_and_write_nothing(case, tiny_student, tmp_path
 def test_two_process_exam_samples_equal_one_process(tiny_student, data_dir, tmp_path):
     common = ["infer_student_wrong.py", "--task", "wordmath", "--data_dir", str(data_dir), "--rationale",
               "--checkpoint", str(tiny_student), "--limit", "24", "--num_return_sequences", "2", "--batch", "4",
-              "--max_new_tokens", "48"]
+              "--max_new_tokens", "48", "--fewshot", "yes"]  # few-shot: each rank continues from the demos' cache
     one = run_script(*common, "--output_dir", str(tmp_path / "one"), env={"OMP_NUM_THREADS": "1"})
     two = run_script(*common, "--device", "0,1", "--output_dir", str(tmp_path / "two"))
     assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr

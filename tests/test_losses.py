@@ -25,6 +25,9 @@ from test_train_data import TASK, make_examples, make_tokenizer, triplet_files  
 from train_data import TailoredCollator, TailoredDataset, build_train_data  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
+# tiny models: one intra-op thread (conftest.one_torch_thread)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 TOL = 1e-4
 
 
@@ -89,15 +92,6 @@ def test_unknown_modes_are_clear_errors():
 
 
 # ---------------------------------------------------------------- tiny models and batches
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is faster than two fighting for a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):

@@ -57,22 +57,6 @@ def test_two_rounds_end_to_end_then_resume_skips_everything(tiny_student, data_d
     assert json.loads((workdir / "rounds.json").read_text()) == rows
 
 
-def test_two_arms_share_the_round_one_exam_and_teacher(tiny_student, data_dir, tmp_path):
-    workdir = tmp_path / "runs"
-    result = run_script(*driver_argv(tiny_student, data_dir, workdir, "--rounds", "1", "--arms", "lm,reflect",
-                                     "--eval_splits", "validation"), timeout=900)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert stage_scripts(result.stdout) == ["infer.py", "infer_student_wrong.py", "query_teacher.py",
-                                            "run_trainer.py", "infer.py",   # lm
-                                            "run_trainer.py", "infer.py"]   # reflect: same data
-    trains = [line for line in result.stdout.splitlines() if line.startswith("$ ") and "run_trainer.py" in line]
-    assert "--contrastive no" in trains[0] and "--contrastive yes" in trains[1]
-    lm, reflect = (json.loads((workdir / arm / "round1" / "manifest.json").read_text()) for arm in ("lm", "reflect"))
-    assert lm["train_inputs"] == reflect["train_inputs"] and lm["checkpoint"] != reflect["checkpoint"]
-    table = result.stdout[result.stdout.index("round  arm"):].splitlines()
-    assert [line.split()[1] for line in table[1:4]] == ["student", "lm", "reflect"]
-
-
 def test_start_round_needs_earlier_manifests(tiny_student, data_dir, tmp_path):
     result = run_script(*driver_argv(tiny_student, data_dir, tmp_path / "empty", "--start_round", "2", "--arms", "reflect"))
     assert result.returncode == 2

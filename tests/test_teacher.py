@@ -150,9 +150,13 @@ def test_offline_feedback_mode(tmp_path):
     assert summary["requests"]["total"] == 1  # duplicates folded, then capped at 1 per question
     data = read_data(out)
     assert list(data) == [ex.question]
+    # the critique names the student's wrong step; only the solution after it is training data
+    critique = f"The step {wrong.split('.')[0]} is wrong: {first.lhs} = {int(first.claimed)}."
     for r in data[ex.question]:
-        assert r.startswith(f"The step {wrong.split('.')[0]} is wrong: {first.lhs} = {int(first.claimed)}.")
+        assert "wrong" not in r and "Correct solution" not in r
         assert r.endswith(f"Therefore, the answer is {ex.gold}.")
+    records = [json.loads(line) for line in (out / "teacher_provenance.jsonl").read_text().splitlines()]
+    assert records and all(rec["critique"] == critique and rec["rationale"] in data[ex.question] for rec in records)
 
 
 def test_offline_needs_gold_rationales(tmp_path):
@@ -183,6 +187,20 @@ def test_offline_needs_gold_rationales(tmp_path):
 ])
 def test_judge(task, text, gold, expected):
     assert teacher_collect.judge(tasks.get_task(task), text, gold) == expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("The step 2 + 2 = 5 is wrong: 2 + 2 = 4. Correct solution: 2 + 2 = 4. Therefore, the answer is 4.",
+     ("2 + 2 = 4. Therefore, the answer is 4.", "kept")),
+    ("Wrong first step. correct solution : 2 + 2 = 4. Therefore, the answer is 4.",
+     ("2 + 2 = 4. Therefore, the answer is 4.", "kept")),
+    ("The step 2 + 2 = 5 is wrong. 2 + 2 = 4. Therefore, the answer is 4.", (None, "no_solution_marker")),
+    ("The step is wrong. Correct solution:", (None, "no_solution_marker")),
+    ("Off by one. Correct solution: 2 + 3 = 5. Therefore, the answer is 5.", ("2 + 3 = 5. Therefore, the answer is 5.",
+                                                                             "wrong_answer")),
+])
+def test_judge_keeps_only_the_solution_of_a_feedback_reply(text, expected):
+    assert teacher_collect.judge(tasks.get_task("wordmath"), text, "4", "feedback") == expected
 
 
 def test_journal_ignores_and_repairs_truncated_tail(tmp_path):

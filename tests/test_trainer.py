@@ -63,7 +63,8 @@ def test_readme_command_trains_under_zero3_and_infer_scores_the_checkpoint(tiny_
 def test_two_process_zero3_over_gloo_trains_and_evaluates(tiny_student, data_dir, teacher_files, tmp_path):
     out = tmp_path / "run2"
     result = run_script(*readme_command(tiny_student, data_dir, *teacher_files, out, "--max_steps", "2",
-                                        "--eval_limit", "5", "--fewshot", "no"), "--device", "0,1", timeout=900)
+                                        "--eval_limit", "5", "--fewshot", "yes"), "--device", "0,1", timeout=900)
+    # few-shot: the evaluation's shared-demos cache under ZeRO-3, whose ranks step on until the slowest is done
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "nproc_per_node 2" in result.stdout
     shards = list((out / "checkpoint-2" / "global_step2").glob("*zero_pp_rank_*_model_states.pt"))

@@ -1,0 +1,430 @@
+"""Evidence for the method's claims: named arms over seeds, one table (reproduce.py is the script).
+
+Arms (ARMS), each one round of training on top of the arm it continues from:
+  student               round 0: the warm-started student, no training (shared by every seed)
+  std-cot               round 1: teacher rationales for the train split, LM loss only (classic distillation)
+  +reflect              round 1: as std-cot, plus the self-reflection (triplet) loss on the student's exam mistakes
+  +prefer               round 1: as +reflect with a reference-free preference loss (--prefer_loss) instead of the triplet
+  tailored              round 2 after +reflect: feedback on the round-1 student's mistakes, with self-reflection (the method)
+  tailored-no-reflect   round 2 after std-cot: feedback on its mistakes, LM loss only
+  untailored            round 2 after +reflect: as many teacher requests as `tailored` made, for random train questions
+  more-epochs           round 2 after +reflect: round 1's data again, for as many steps as `tailored` trained
+
+Every stage is the round driver's (rounds.RoundDriver: the same commands, the same skip-if-done outputs and
+manifests); `ArmDriver` only says, per arm, which checkpoint a round starts from, which exam and teacher
+stage feed it and which training flags differ. Layout: `<workdir>/round0/` (round-0 evaluation, greedy, so
+shared by the seeds), `<workdir>/seed<s>/` (one round-driver folder per seed: `round1/{exam,teacher}` shared
+by the round-1 arms, `<arm>/round<r>/...`, `<arm>/round<r>/next_exam/` the exam of that arm's checkpoint,
+shared by the arms continuing from it), then `results.json` and `evidence.png`. A killed run re-run skips
+every finished stage. Seeds vary data order, exam sampling, the offline teacher's phrasing and the
+untailored draw; nothing reads the test split except the final evaluations.
+
+Budget of the default run (wordmath, 3 seeds, all arms, 2 CPU cores, offline teacher). Per seed the run makes
+  3 exams (of the round-0 student, +reflect and std-cot) of --exam_limit questions x 4 samples,
+  4 teacher stages (annotate, 2 x feedback, the untailored draw; offline, ~2 s each),
+  7 trainings: 3 of round 1 (std-cot, +reflect, +prefer) on the round-1 data, 4 of round 2 on round 1's data
+     plus the new rationales (tailored, tailored-no-reflect, untailored, more-epochs with tailored's steps),
+  14 evaluations (7 checkpoints x validation and test, --eval_limit items each),
+and the round-0 evaluation once for all seeds. BUDGET has the measured stage times and the arithmetic.
+"""
+from __future__ import annotations
+
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from args import EVIDENCE_ARMS, EvidenceArguments
+from common import UserError, atomic_write_json, read_json
+from rounds import RoundDriver, command_of
+
+BUDGET = """
+Measured on the 2-core machine while other jobs shared it, so in CPU seconds of each stage at one torch
+thread (what its wall time is on one free core; with two threads, two jobs on 2 cores ran 4-9x slower,
+hence --threads' default of 1). One seed at --annotate_limit 800 --exam_limit 200 --eval_limit 300:
+  evaluation, 300 items of one split       13-26 s, mean 19 s (about 7 s of it: start-up, model load)
+  exam, 200 questions x 4 samples          37-44 s
+  teacher stage (offline)                  2 s
+  round 1, 96 steps of 16 (1525 rows)      std-cot 60 s, +reflect 83 s, +prefer 86 s
+  round 2, 138-140 steps (~2230 rows)      tailored 213 s (half its rows have a triplet), tailored-no-reflect
+                                           100 s, untailored 109 s, more-epochs 91 s
+  one seed: 1136 s; three: 57 min, plus the round-0 evaluation (37 s) and the harness (~1 min): too
+  close to 60 min on a shared machine.
+The defaults, --annotate_limit 600 --exam_limit 150 --eval_limit 300, shrink round 1 to ~1140 rows (72 steps)
+and the feedback to ~280 requests (round 2: ~1680 rows, ~105 steps):
+  round 1   exam 32 + teacher 2 + trainings 47 + 65 + 68 + 6 evaluations x 19          = 328 s
+  round 2   2 exams x 32 + 3 teachers x 2 + trainings 162 + 77 + 86 + 71 + 8 x 19     = 618 s
+  one seed 946 s; three seeds 2838 s + 37 s + ~60 s = ~49 min, ~18% under the 60 min budget.
+Measured with these defaults on the idle 2-core machine (2026-11-26, bench/RESULTS.md): 43.7 min wall: 14.1-14.4 min
+of stages per seed, plus the round-0 evaluation and the harness.
+--quick (1 seed, 120 annotated questions, exam 40 x 2 samples, 40 items per split, 12 steps per training):
+26 stages of ~6-10 s each, almost all of it start-up.
+"""
+
+
+@dataclass(frozen=True)
+class Arm:
+    round: int
+    parent: str | None                          # the arm whose checkpoint this one continues (round - 1)
+    contrastive: bool = False                   # self-reflection term on (triplet, or the preference loss)
+    data: str = "annotate"                      # annotate | feedback | random | same (see ArmDriver.collect)
+    prefer: bool = False                        # the preference loss instead of the triplet
+    needs: tuple[str, ...] = ()                 # arms whose outputs size this one (untailored, more-epochs)
+    describe: str = ""
+
+
+ARMS: dict[str, Arm] = {
+    "student": Arm(0, None, describe="round-0 student, no training"),
+    "std-cot": Arm(1, "student", describe="teacher rationales for the train split, LM loss only"),
+    "+reflect": Arm(1, "student", True, describe="std-cot + self-reflection (triplet) on the student's mistakes"),
+    "+prefer": Arm(1, "student", True, prefer=True, describe="std-cot + a preference loss on the same pairs"),
+    "tailored": Arm(2, "+reflect", True, "feedback", describe="feedback on +reflect's mistakes, with self-reflection"),
+    "tailored-no-reflect": Arm(2, "std-cot", False, "feedback", describe="feedback on std-cot's mistakes, LM loss only"),
+    "untailored": Arm(2, "+reflect", True, "random", needs=("tailored",),
+                      describe="as many teacher requests as tailored, for random train questions"),
+    "more-epochs": Arm(2, "+reflect", True, "same", needs=("tailored",),
+                       describe="round 1's data again, for tailored's number of steps"),
+}
+assert tuple(ARMS) == EVIDENCE_ARMS  # args.py names them for --arms; the order is the order they run in
+
+# The full method against each ablation, then the two round-1 comparisons of the self-reflection term.
+PAIRS = [("tailored", other) for other in ("student", "std-cot", "+reflect", "tailored-no-reflect", "untailored",
+                                           "more-epochs", "+prefer")] + [("+reflect", "std-cot"), ("+prefer", "+reflect")]
+
+# --quick: sizes for an end-to-end run of a few minutes (flags given on the command line still win).
+QUICK = {"seeds": 1, "exam_limit": 40, "num_return_sequences": 2, "exam_max_new_tokens": 96, "eval_limit": 40,
+         "annotate_limit": 120, "max_steps": 12, "warmup_steps": 2, "bootstrap": 200, "workdir": "runs/evidence_quick"}
+
+# Asking the offline teacher again about a question it annotated in round 1 would return the very same
+# texts (it is a function of the request, whose key holds the seed): the untailored arm's requests get a
+# seed of their own, as a real teacher sampled at temperature > 0 would give fresh rationales.
+UNTAILORED_SEED_OFFSET = 1_000_003
+
+
+def slug(arm: str) -> str:
+    return arm.lstrip("+")
+
+
+def with_dependencies(arms: list[str]) -> list[str]:
+    """The arms asked for and every arm they build on, in ARMS order."""
+    wanted: set[str] = set()
+
+    def add(arm: str | None) -> None:
+        if arm and arm not in wanted:
+            wanted.add(arm)
+            add(ARMS[arm].parent)
+            for needed in ARMS[arm].needs:
+                add(needed)
+
+    for arm in arms:
+        add(arm)
+    return [arm for arm in ARMS if arm in wanted]
+
+
+def seeds_of(args: EvidenceArguments) -> list[int]:
+    return [args.seed + k for k in range(args.seeds)]
+
+
+# ---------------------------------------------------------------- one seed: the round driver, arm by arm
+
+class ArmDriver(RoundDriver):
+    """One seed's arms through the round driver's stages: `run_round` as it is, with each arm's
+    parent, exam, teacher stage and training flags taken from ARMS."""
+
+    def __init__(self, args: EvidenceArguments, seed: int):
+        super().__init__(replace(args, seed=seed, workdir=str(Path(args.workdir) / f"seed{seed}")))
+
+    def round_dir(self, arm: str, r: int) -> Path:
+        return self.workdir / slug(arm) / f"round{r}"
+
+    def parent_arm(self, arm: str, r: int) -> str:
+        return ARMS[arm].parent
+
+    def exam_dir(self, arm: str, r: int) -> Path:
+        """Round 1: the round-0 student's shared exam. Later: the exam of the parent's checkpoint, shared
+        by every arm continuing from it (tailored and untailored see the same mistakes). `same` re-uses
+        its parent's inputs: that exam is finished by then, so nothing runs."""
+        spec = ARMS[arm]
+        if r == 1 or spec.data == "same":
+            return super().exam_dir(arm, 1)
+        return self.round_dir(spec.parent, r - 1) / "next_exam"
+
+    def collect(self, arm: str, r: int, exam: dict) -> dict:
+        spec, a = ARMS[arm], self.args
+        if spec.data in ("annotate", "same"):  # round 1's annotation, made once per seed
+            return self.teacher("annotate", self.workdir / "round1" / "teacher", limit=a.annotate_limit)
+        if spec.data == "feedback":
+            return super().collect(arm, r, exam)
+        asked = self.manifest("tailored", r)["teacher"]["requests"]
+        return self.teacher("annotate", self.round_dir(arm, r) / "teacher", limit=a.annotate_limit,
+                            random_questions=min(asked, self.train_size()), seed=a.seed + UNTAILORED_SEED_OFFSET)
+
+    def train_settings(self, arm: str, r: int) -> dict:
+        spec, a = ARMS[arm], self.args
+        settings = {"contrastive": spec.contrastive}
+        if spec.prefer:
+            settings.update(cl_loss=a.prefer_loss, cl_beta=a.prefer_beta, cl_gamma=a.prefer_gamma,
+                            cl_neg_form=a.prefer_neg_form)
+        if spec.data == "same":  # the steps tailored's round trained, read from its trainer's summary
+            settings["max_steps"] = read_json(self.round_dir("tailored", r) / "train" / "train_summary.json")["steps"]
+        return settings
+
+    def train_size(self) -> int:
+        import tasks
+
+        n = len(tasks.load_split(self.args.task, "train", self.args.data_dir, valid_size=self.args.valid_size))
+        return min(n, self.args.annotate_limit or n)
+
+    def manifest(self, arm: str, r: int) -> dict:
+        return read_json(self.round_dir(arm, r) / "manifest.json")
+
+    def done(self, arm: str) -> bool:
+        return (self.round_dir(arm, ARMS[arm].round) / "manifest.json").is_file()
+
+    def run_arm(self, arm: str) -> dict:
+        r = ARMS[arm].round
+        if not self.done(arm):
+            print(f"\n===== seed {self.args.seed}, arm {arm} (round {r}) =====", flush=True)
+            return self.run_round(arm, r)
+        return self.manifest(arm, r)
+
+
+# ---------------------------------------------------------------- the whole run
+
+def check_workdir(args: EvidenceArguments, root: Path) -> None:
+    """A workdir holds the stages of one set of settings: finished stages are skipped, so other settings
+    would silently mix with them. Seeds, arms and the bootstrap may change between runs."""
+    free = {"seeds", "arms", "bootstrap", "quick", "workdir"}
+    settings = {k: v for k, v in asdict(args).items() if k not in free}
+    path = root / "settings.json"
+    if path.is_file():
+        saved = read_json(path)
+        changed = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+        if changed:
+            shown = ", ".join(f"--{k} {saved.get(k)!r} -> {settings.get(k)!r}" for k in changed[:4])
+            raise UserError(f"--workdir {root} holds a run with other settings ({shown}); use another --workdir "
+                            f"or the same flags")
+    else:
+        atomic_write_json(path, settings)
+
+
+def run(args: EvidenceArguments) -> dict:
+    started = time.time()
+    root = Path(args.workdir)
+    check_workdir(args, root)
+    arms = with_dependencies(args.arms.split(","))
+    seeds = seeds_of(args)
+    drivers = {seed: ArmDriver(args, seed) for seed in seeds}
+    student = drivers[seeds[0]].evaluate_all(args.student, root / "round0")
+    manifests: dict[str, dict[int, dict]] = {arm: {} for arm in arms}
+    for seed in seeds:  # seed by seed: a run stopped early still has whole seeds
+        for arm in arms:
+            manifests[arm][seed] = ({"round": 0, "arm": "student", "eval": student, "teacher": None, "seconds": 0}
+                                    if arm == "student" else drivers[seed].run_arm(arm))
+    result = summarize(args, arms, seeds, manifests, drivers)
+    result["minutes"] = round((time.time() - started) / 60, 2)
+    atomic_write_json(root / "results.json", result)
+    print_table(result)
+    plot(result, root / "evidence.png")
+    print(f"\nevery number: {root / 'results.json'} ({result['minutes']:.1f} min this run)")
+    return result
+
+
+# ---------------------------------------------------------------- numbers
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    a = np.asarray(values, dtype=float)
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+
+
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, resamples: int, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of a - b over a (seeds, questions) grid of 0/1 outcomes, and a 95% percentile interval that
+    resamples seeds and questions (each with replacement, paired: the same draw for both arms)."""
+    diff = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    rng = np.random.default_rng(seed)
+    n_seeds, n_questions = diff.shape
+    seeds = rng.integers(0, n_seeds, (resamples, n_seeds))
+    questions = rng.integers(0, n_questions, (resamples, n_questions))
+    # mean over the resampled grid = mean over resampled seeds of each seed's mean over resampled questions
+    per_seed = np.stack([diff[:, q].mean(1) for q in questions])          # (resamples, n_seeds)
+    means = np.take_along_axis(per_seed, seeds, 1).mean(1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(diff.mean()), float(low), float(high)
+
+
+def per_question(eval_entry: dict) -> tuple[list[str], list[int]]:
+    results = read_json(eval_entry["file"])["results"]
+    return [r["question"] for r in results], [int(bool(r["correct"])) for r in results]
+
+
+def lineage(arm: str) -> list[str]:
+    chain = []
+    while arm and arm != "student":
+        chain.append(arm)
+        arm = ARMS[arm].parent
+    return chain[::-1]
+
+
+def teacher_use(manifests: dict[str, dict[int, dict]], arm: str, seed: int) -> dict:
+    """Teacher requests, tokens and cost behind an arm's training data: every teacher stage on its
+    lineage, each counted once (more-epochs re-uses round 1's)."""
+    stages = {}
+    for step in lineage(arm):
+        collected = manifests[step][seed].get("teacher") or {}
+        if collected:
+            stages[collected["teacher_data"]] = collected
+    tokens = [s.get("tokens") or {} for s in stages.values()]
+    return {"requests": sum(s.get("requests", 0) for s in stages.values()),
+            "prompt_tokens": sum(t.get("prompt_tokens", 0) for t in tokens),
+            "completion_tokens": sum(t.get("completion_tokens", 0) for t in tokens),
+            "cost_usd": round(sum(s.get("cost_usd", 0.0) for s in stages.values()), 6),
+            "kept": sum(s.get("kept", 0) for s in stages.values())}
+
+
+def list_price_cost(args: EvidenceArguments, prompt_tokens: int, completion_tokens: int) -> float | None:
+    """What the tokens would cost at --teacher_model's list price (the offline teacher is free; its token
+    counts are estimates, 4 characters a token); None for an unknown model."""
+    from teacher_journal import load_price_table, resolve_prices
+
+    prices = resolve_prices(args.teacher_model, load_price_table(None), None, None)
+    return round(prices.cost(prompt_tokens, completion_tokens), 6) if prices.known else None
+
+
+def summarize(args: EvidenceArguments, arms: list[str], seeds: list[int], manifests: dict[str, dict[int, dict]],
+              drivers: dict[int, ArmDriver]) -> dict:
+    splits = args.eval_splits.split(",")
+    per_arm, outcomes = {}, {}
+    for arm in arms:
+        runs = {}
+        for seed in seeds:
+            m = manifests[arm][seed]
+            use = teacher_use(manifests, arm, seed)
+            run = {split: {"acc": m["eval"][split]["acc"], "strict_acc": m["eval"][split]["strict_acc"],
+                           "total": m["eval"][split]["total"], "file": m["eval"][split]["file"]} for split in splits}
+            run.update(teacher=use, seconds=m.get("seconds", 0))
+            if arm != "student":
+                train = drivers[seed].round_dir(arm, ARMS[arm].round) / "train" / "train_summary.json"
+                run["train_steps"] = read_json(train)["steps"]
+                run["exam"] = m.get("exam")
+            runs[str(seed)] = run
+            for split in splits:
+                outcomes[(arm, seed, split)] = per_question(m["eval"][split])
+        per_arm[arm] = {"round": ARMS[arm].round, "parent": ARMS[arm].parent, "describe": ARMS[arm].describe,
+                        "per_seed": runs}
+    rows = []
+    for arm in arms:
+        runs = per_arm[arm]["per_seed"]
+        row = {"arm": arm, "round": ARMS[arm].round, "seeds": len(runs)}
+        for split in splits:
+            row[split] = dict(zip(("mean", "std"), mean_std([r[split]["acc"] for r in runs.values()])))
+            row[split]["strict_mean"] = mean_std([r[split]["strict_acc"] for r in runs.values()])[0]
+        for key in ("requests", "prompt_tokens", "completion_tokens", "cost_usd", "kept"):
+            row[key] = mean_std([r["teacher"][key] for r in runs.values()])[0]
+        row["list_price_usd"] = list_price_cost(args, row["prompt_tokens"], row["completion_tokens"])
+        row["minutes"] = mean_std([r["seconds"] for r in runs.values()])[0] / 60
+        rows.append(row)
+    split = "test" if "test" in splits else splits[-1]
+    pairs = []
+    for a, b in PAIRS:
+        if a not in arms or b not in arms:
+            continue
+        qa = [outcomes[(a, s, split)] for s in seeds]
+        qb = [outcomes[(b, s, split)] for s in seeds]
+        if any(x[0] != y[0] for x, y in zip(qa, qb)):
+            raise UserError(f"{a} and {b} were evaluated on different {split} questions (another --eval_limit?)")
+        mean, low, high = paired_bootstrap(np.array([x[1] for x in qa]), np.array([y[1] for y in qb]), args.bootstrap)
+        pairs.append({"a": a, "b": b, "split": split, "diff": mean, "low": low, "high": high,
+                      "seeds": len(seeds), "questions": len(qa[0][0])})
+    return {"settings": asdict(args), "seeds": seeds, "splits": splits, "arms": per_arm, "rows": rows,
+            "pairs": pairs, "commands": stage_commands(Path(args.workdir)), "versions": versions()}
+
+
+def stage_commands(root: Path) -> list[dict]:
+    """Every stage's command, from the first line of its log (so a resumed run lists them all)."""
+    found = []
+    for log in sorted(root.rglob("log.txt")):
+        command = command_of(log)
+        if command:
+            found.append({"stage": str(log.parent.relative_to(root)), "command": command})
+    return found
+
+
+def versions() -> dict:
+    import torch
+    import transformers
+
+    def git(*argv: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *argv], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=20)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "numpy": np.__version__, "platform": platform.platform(), "git_commit": git("rev-parse", "HEAD"),
+            "git_dirty": bool(status) if status is not None else None, "command": shlex.join([sys.executable, *sys.argv])}
+
+
+# ---------------------------------------------------------------- output
+
+def print_table(result: dict) -> None:
+    splits = result["splits"]
+    print(f"\n{len(result['seeds'])} seed(s) {', '.join(map(str, result['seeds']))}: accuracy mean +- std over seeds")
+    head = f"{'arm':<20} {'round':>5}" + "".join(f"  {s[:10] + ' acc':>19}" for s in splits) + \
+        f"  {'requests':>8}  {'tokens':>9}  {'cost($)':>8}  {'list $':>7}  {'minutes':>7}"
+    print(head)
+    for row in result["rows"]:
+        line = f"{row['arm']:<20} {row['round']:>5}"
+        line += "".join(f"  {row[s]['mean']:.4f} +- {row[s]['std']:.4f}" for s in splits)
+        price = "-" if row["list_price_usd"] is None else f"{row['list_price_usd']:.4f}"
+        line += (f"  {row['requests']:>8.0f}  {row['prompt_tokens'] + row['completion_tokens']:>9.0f}"
+                 f"  {row['cost_usd']:>8.4f}  {price:>7}  {row['minutes']:>7.1f}")
+        print(line)
+    teacher = result["settings"]["teacher_model"]
+    print(f"requests, tokens, cost: the teacher stages behind the arm's training data (mean over seeds); list $: those "
+          f"tokens at {teacher}'s list price; minutes: the arm's own round")
+    if result["pairs"]:
+        split = result["pairs"][0]["split"]
+        print(f"\npaired difference on {split} (same seed, same question), 95% bootstrap interval over seeds and questions:")
+        for p in result["pairs"]:
+            print(f"  {p['a'] + ' - ' + p['b']:<32} {p['diff']:+.4f} [{p['low']:+.4f}, {p['high']:+.4f}]"
+                  f"  ({p['seeds']} seed(s) x {p['questions']} questions)")
+    print("arms: " + "; ".join(f"{arm}: {ARMS[arm].describe}" for arm in result["arms"]))
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    splits = result["splits"]
+    rows = {row["arm"]: row for row in result["rows"]}
+    fig, axes = plt.subplots(1, len(splits), figsize=(5.2 * len(splits), 4.0), sharey=True, squeeze=False)
+    for ax, split in zip(axes[0], splits):
+        for k, (arm, row) in enumerate(rows.items()):
+            x = row["round"] + (k - len(rows) / 2) * 0.03  # a small shift keeps the error bars apart
+            ax.errorbar([x], [row[split]["mean"]], yerr=[row[split]["std"]], fmt="o", color=f"C{k % 10}", capsize=3,
+                        label=arm)
+            parent = ARMS[arm].parent
+            if parent in rows:
+                px = rows[parent]["round"] + (list(rows).index(parent) - len(rows) / 2) * 0.03
+                ax.plot([px, x], [rows[parent][split]["mean"], row[split]["mean"]], color=f"C{k % 10}", alpha=0.6)
+        ax.set_title(f"{split} (mean +- std over {len(result['seeds'])} seed(s))")
+        ax.set_xlabel("round")
+        ax.set_xticks([0, 1, 2])
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("accuracy (flexible)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=min(len(labels), 4), frameon=False)
+    fig.tight_layout(rect=(0, 0.06 * ((len(labels) + 3) // 4), 1, 1))  # room for the legend below the panels
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"plot: {path}")

@@ -1,0 +1,53 @@
+"""Measure the method's claims: every arm (student, std-cot, +reflect, +prefer, tailored,
+tailored-no-reflect, untailored, more-epochs) over seeds, one table of mean +- std, paired
+differences with bootstrap intervals, results.json and a plot. The logic is in evidence.py.
+
+    python reproduce.py                 # the embedded default: wordmath, 3 seeds, all arms, offline, CPU (<= 60 min)
+    python reproduce.py --quick         # the same end to end, 1 seed, small splits, few steps (<= 8 min)
+    python reproduce.py --task gsm8k --student Qwen/Qwen2.5-0.5B --lr 1e-5 --backend openai ...   # recipes/gsm8k.md
+A killed run re-run with the same flags skips every finished stage.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import fields
+
+import evidence
+from args import EvidenceArguments, device_list, flags_of, parse
+from common import cli_main
+from rounds import driver_exits
+from run_rounds import check_learning_rate, prepare_embedded
+
+
+def apply_quick(args: EvidenceArguments, argv: list[str]) -> None:
+    """--quick's sizes, except for the flags given on the command line."""
+    given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    by_name = {f.name: f for f in fields(args)}
+    for name, value in evidence.QUICK.items():
+        if not given & set(flags_of(by_name[name])):
+            setattr(args, name, value)
+    args.__post_init__()  # the new values meet the same checks
+
+
+@cli_main
+def main() -> None:
+    argv = sys.argv[1:]
+    with driver_exits():
+        args = parse(EvidenceArguments, argv)
+        if args.quick:
+            apply_quick(args, argv)
+        check_learning_rate(args, argv)
+        if args.exam_limit == 0:
+            args.exam_limit = None
+        if args.annotate_limit == 0:
+            args.annotate_limit = None
+        threads = args.threads or (1 if device_list(args.device) == [] else 0)
+        if threads:
+            os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # the stages inherit it
+        prepare_embedded(args)
+        evidence.run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -169,9 +169,12 @@ def plan_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
 def encode_prompts(tokenizer, prompts: list[str], max_length: int) -> dict[str, torch.Tensor]:
     """Left-padded prompt ids as training's prefixes (`train_data.PairEncoder`): a prompt longer than
     max_length loses its oldest tokens (demos first), never the BOS the tokenizer adds or the question."""
-    tokenizer.truncation_side = "left"  # a call takes padding_side but not truncation_side
-    return tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", truncation=True,
-                     max_length=max_length)
+    return pad_left(tokenizer, encode_ids(tokenizer, prompts, max_length))
+
+
+def pad_left(tokenizer, ids: list[list[int]]) -> dict[str, torch.Tensor]:
+    """A batch of already-encoded prompts, left-padded (generation appends at the right edge)."""
+    return tokenizer.pad({"input_ids": ids}, padding_side="left", return_tensors="pt")
 
 
 def prompt_limit(model, cfg: SamplingConfig) -> int:
@@ -180,8 +183,8 @@ def prompt_limit(model, cfg: SamplingConfig) -> int:
 
 
 def encode_ids(tokenizer, prompts: list[str], max_length: int) -> list[list[int]]:
-    """Each prompt's ids exactly as `encode_prompts` puts them in a batch row (same truncation), unpadded."""
-    tokenizer.truncation_side = "left"
+    """Each prompt's ids, unpadded; a prompt longer than max_length is cut on the left."""
+    tokenizer.truncation_side = "left"  # a call takes padding_side but not truncation_side
     return tokenizer(prompts, truncation=True, max_length=max_length)["input_ids"]
 
 
@@ -433,11 +436,11 @@ def encode_with_prefix(rows: list[list[int]], prefix_length: int, pad_id: int) -
 def _generate_batch(model, tokenizer, prompts: list[str], cfg: SamplingConfig, seed: int,
                     synced: bool = False, ids: list[list[int]] | None = None,
                     prefix: SharedPrefix | None = None) -> list[list[str]]:
-    """`num_samples` texts per prompt. With `prefix` (and the prompts' `ids`), the prompts' shared
-    tokens come from its cache and only the rest is prefilled."""
+    """`num_samples` texts per prompt, from the prompts' `ids` (encode_ids). With `prefix`, the prompts'
+    shared tokens come from its cache and only the rest is prefilled."""
     extra, attention = {}, nullcontext()
     if prefix is None:
-        encoded = encode_prompts(tokenizer, prompts, prompt_limit(model, cfg))
+        encoded = pad_left(tokenizer, ids)  # `generate` has encoded every prompt once already
     else:
         encoded = encode_with_prefix(ids, prefix.length, tokenizer.pad_token_id)
         # generate sees the whole rows and the cache's length, and prefills only what the cache lacks

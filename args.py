@@ -339,6 +339,11 @@ class TrainArguments(ModelArguments, DataArguments, LoraArguments):
         if self.bf16_weights and (self.deepspeed or self.fp16):
             raise UserError("--bf16_weights keeps fp32 master weights itself: not with --fp16, nor with --deepspeed "
                             "(there, a \"bf16\": {\"enabled\": true} section does the same)")
+        if self.torch_compile and self.deepspeed:
+            # ZeRO-3 gathers and frees parameters in hooks around every layer; inside compiled layers those are
+            # graph breaks and untested here. DeepSpeed's engine.compile() is its own switch.
+            raise UserError("--torch_compile: not with --deepspeed (ZeRO-3's parameter hooks break the compiled layers; "
+                            "run without one of them)")
         self.check_lora()
 
     @property

@@ -6,15 +6,15 @@ Without a GPU the ids still give that many CPU processes over gloo.
 """
 from __future__ import annotations
 
+import importlib
 import os
 import socket
 import subprocess
 import sys
+from typing import Callable
 
-import torch
-
-if not torch.cuda.is_available():  # DeepSpeed would otherwise warn on every import that it fell back to CPU
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# torch is imported inside the functions that need it: a script checks its flags and sets CUDA_VISIBLE_DEVICES
+# (select_devices) before anything can ask CUDA about its devices.
 
 
 def world_size() -> int:
@@ -59,20 +59,48 @@ def torchrun_flags(local: int, world_size: int = 0, rank_offset: int = 0, master
     return flags
 
 
+def select_devices(devices: list[str]) -> None:
+    """--device ids name physical GPUs: put them in CUDA_VISIBLE_DEVICES, so that process i of the run uses
+    cuda:i = GPU devices[i]. This must happen before anything asks CUDA about its devices: the first
+    torch.cuda.is_available() initialises the driver, which reads the variable once. A launcher that already
+    chose this process's devices (WORLD_SIZE and CUDA_VISIBLE_DEVICES set, e.g. `deepspeed --include`) keeps them."""
+    if not devices or ("WORLD_SIZE" in os.environ and "CUDA_VISIBLE_DEVICES" in os.environ):
+        return
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
+
+
+def physical_gpu_count() -> int | None:
+    """GPUs on this machine whatever CUDA_VISIBLE_DEVICES says, from NVML without initialising CUDA; None when
+    NVML cannot tell (no NVIDIA driver, or a torch without that helper)."""
+    import torch
+
+    try:
+        count = getattr(torch.cuda, "_raw_device_count_nvml", lambda: -1)()
+    except OSError:  # no libnvidia-ml: no NVIDIA driver
+        return None
+    return count if count >= 0 else None
+
+
 def check_devices(devices: list[str]) -> None:
     """GPU ids must name GPUs this machine has; without a GPU, ids only count CPU processes, so
-    they must be 0,1,...,n-1 (anything else is a typo or a machine mix-up)."""
+    they must be 0,1,...,n-1 (anything else is a typo or a machine mix-up). Call after select_devices."""
+    import torch
+
     from common import UserError
 
     ids = [int(d) for d in devices]
-    if torch.cuda.is_available():
-        missing = [i for i in ids if i >= torch.cuda.device_count()]
-        if missing:
-            raise UserError(f"--device: GPU {missing[0]} does not exist here ({torch.cuda.device_count()} visible)")
-    elif ids and sorted(ids) != list(range(len(ids))):
-        raise UserError(f"--device {','.join(devices)}: this machine has no GPU; use cpu, or 0,1,...,n-1 for n CPU processes")
     if len(set(ids)) != len(ids):
         raise UserError(f"--device {','.join(devices)}: an id appears twice")
+    physical = physical_gpu_count() if ids else None
+    if physical:
+        missing = [i for i in ids if i >= physical]
+        if missing:
+            raise UserError(f"--device: GPU {missing[0]} does not exist here ({physical} GPUs)")
+    if ids and torch.cuda.is_available():
+        if torch.cuda.device_count() < len(ids):
+            raise UserError(f"--device {','.join(devices)}: only {torch.cuda.device_count()} of these GPUs are visible")
+    elif ids and sorted(ids) != list(range(len(ids))):
+        raise UserError(f"--device {','.join(devices)}: this machine has no GPU; use cpu, or 0,1,...,n-1 for n CPU processes")
 
 
 def relaunch_if_needed(devices: list[str], **launch) -> None:
@@ -80,15 +108,11 @@ def relaunch_if_needed(devices: list[str], **launch) -> None:
     and exit. `launch`: the multi-machine flags of torchrun_flags."""
     local = max(1, len(devices))
     if "WORLD_SIZE" in os.environ or (local == 1 and (launch.get("world_size") or 1) <= 1):
-        if len(devices) == 1 and torch.cuda.is_available():
-            os.environ.setdefault("CUDA_VISIBLE_DEVICES", devices[0])
         return
-    env = dict(os.environ)
-    if torch.cuda.is_available() and devices:
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
+    # the workers inherit CUDA_VISIBLE_DEVICES (select_devices): worker i takes cuda:i
     command = [sys.executable, "-m", "torch.distributed.run", *torchrun_flags(local, **launch), sys.argv[0], *sys.argv[1:]]
     print("launching:", " ".join(command[1:]), flush=True)
-    sys.exit(subprocess.call(command, env=env))
+    sys.exit(subprocess.call(command))
 
 
 def start(devices: list[str]) -> None:
@@ -99,12 +123,23 @@ def start(devices: list[str]) -> None:
 
 def ensure_single_process_env() -> None:
     """DeepSpeed looks for MPI when no launcher set these; one process needs them spelled out."""
+    quiet_deepspeed_on_cpu()
     if "WORLD_SIZE" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
 
 
-def device() -> torch.device:
+def quiet_deepspeed_on_cpu() -> None:
+    """Without a GPU, DeepSpeed would warn at every import that it fell back to its CPU accelerator."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def device():
+    import torch
+
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank() % torch.cuda.device_count())
     return torch.device("cpu")
@@ -112,6 +147,8 @@ def device() -> torch.device:
 
 def init_process_group() -> None:
     """Join the process group when launched with several processes (no-op for one)."""
+    import torch
+
     if world_size() > 1 and not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
@@ -121,6 +158,8 @@ def init_process_group() -> None:
 
 def gather_to_main(obj):
     """Every rank's object, as a list on rank 0 (None elsewhere)."""
+    import torch
+
     if world_size() == 1 or not torch.distributed.is_initialized():
         return [obj]
     gathered = [None] * world_size() if is_main() else None
@@ -129,13 +168,17 @@ def gather_to_main(obj):
 
 
 def barrier() -> None:
+    import torch
+
     if world_size() > 1 and torch.distributed.is_initialized():
         torch.distributed.barrier()
 
 
-def script_main(arguments_class, run, relaunch: bool = False):
-    """Entry point of a model-running script: parse its flags, start its processes (`relaunch`: under
-    torchrun when --device names several ids), run; bad input ends in one `error:` line, exit 2."""
+def script_main(arguments_class, run: str, relaunch: bool = False) -> Callable[[], None]:
+    """Entry point of a model-running script: parse its flags, set its devices, start its processes
+    (`relaunch`: under torchrun when --device names several ids), then import `run` ("module:function")
+    and call it with the flags. Bad input ends in one `error:` line, exit 2. The run's module (torch,
+    transformers, the model code) is imported only after the devices are set."""
     from args import device_list, parse
     from common import cli_main
 
@@ -143,6 +186,7 @@ def script_main(arguments_class, run, relaunch: bool = False):
     def main() -> None:
         args = parse(arguments_class)
         devices = device_list(args.device)
+        select_devices(devices)
         check_devices(devices)
         if relaunch:
             launch = {name: getattr(args, name) for name in ("world_size", "rank_offset", "master_addr", "master_port")
@@ -150,6 +194,7 @@ def script_main(arguments_class, run, relaunch: bool = False):
             relaunch_if_needed(devices, **launch)
         else:
             start(devices)
-        run(args)
+        module, _, function = run.partition(":")
+        getattr(importlib.import_module(module), function)(args)
 
     return main

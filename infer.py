@@ -139,7 +139,7 @@ def read_result(out: Path) -> dict | None:
             "total": result["total"], "file": str(files[-1])}
 
 
-main = distributed.script_main(InferArguments, run)
+main = distributed.script_main(InferArguments, "infer:run")
 
 if __name__ == "__main__":
     main()

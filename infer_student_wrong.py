@@ -75,7 +75,7 @@ def read_summary(out: Path) -> dict | None:
             "questions_with_mistakes": summary["questions_with_mistakes"], "negatives": summary["wrong_rationales"]}
 
 
-main = distributed.script_main(ExamArguments, run)
+main = distributed.script_main(ExamArguments, "infer_student_wrong:run")
 
 if __name__ == "__main__":
     main()

@@ -74,7 +74,8 @@ def check_choice(flag: str, value: str, allowed: tuple[str, ...]) -> None:
 # ---------------------------------------------------------------- LM loss
 
 def weighted_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                     cont_mask: torch.Tensor, mode: str = "weight", mle_w: float = 0.1) -> torch.Tensor:
+                     cont_mask: torch.Tensor, mode: str = "weight", mle_w: float = 0.1,
+                     counts: dict[str, int] | None = None) -> torch.Tensor:
     """Token cross-entropy of a causal LM on (B, T) text; logits (B, T, V) predict the next token.
 
     A target is "predicted" when it and the token before it are real (attention_mask).
@@ -83,13 +84,15 @@ def weighted_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_ma
       nograd: mean CE over continuation targets whose predecessor is also in the continuation
               (the first continuation token is predicted by the prompt, run without grad)
       no:     0
-    `cont_mask` marks continuation tokens. CE is computed in float32 on used positions only."""
+    `cont_mask` marks continuation tokens. CE is computed in float32 on used positions only. `counts`:
+    `lm_target_counts` of the same masks, when known on the host (see `target_positions`)."""
     check_choice("mle", mode, MLE_MODES)
     if mode == "no":
         return logits.new_zeros((), dtype=torch.float32)
     used, weights = lm_targets(attention_mask, cont_mask, mode, mle_w)
-    ce = F.cross_entropy(logits[:, :-1][used].float(), input_ids[:, 1:][used], reduction="none")
-    return (ce * weights[used]).sum() / used.sum().clamp(min=1)
+    rows, cols = target_positions(used, None if counts is None else counts[mode])
+    ce = F.cross_entropy(logits[rows, cols].float(), input_ids[rows, cols + 1], reduction="none")
+    return (ce * weights[rows, cols]).sum() / used.sum().clamp(min=1)
 
 
 def lm_targets(attention_mask: torch.Tensor, cont_mask: torch.Tensor, mode: str,
@@ -107,6 +110,24 @@ def lm_targets(attention_mask: torch.Tensor, cont_mask: torch.Tensor, mode: str,
     return used, weights
 
 
+def lm_target_counts(attention_mask: torch.Tensor, cont_mask: torch.Tensor) -> dict[str, int]:
+    """How many targets `weighted_lm_loss` counts in each mode (and, as "continuation", how many of weight's
+    are continuation tokens: liger sums the two weight classes apart), from (B, T) masks on the host: the
+    collator's, so the step never asks the device (the counts do not change with padding)."""
+    counts = {mode: int(lm_targets(attention_mask, cont_mask, mode, 1.0)[0].sum()) for mode in ("weight", "hf", "nograd")}
+    used, _ = lm_targets(attention_mask, cont_mask, "weight", 1.0)
+    counts["continuation"] = int((used & cont_mask.bool()[:, 1:]).sum())
+    return counts
+
+
+def target_positions(used: torch.Tensor, count: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, columns) of the True entries of `used`, in row-major order (that of boolean-mask indexing).
+    With their `count` known on the host the output size is too, so the device is not waited on
+    (nonzero and boolean-mask indexing must learn it first); without, it is."""
+    found = used.nonzero() if count is None else torch.nonzero_static(used, size=count)
+    return found.unbind(1)
+
+
 def _chunk_ce(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, targets: torch.Tensor,
               weights: torch.Tensor) -> torch.Tensor:
     return (F.cross_entropy(head(hidden).float(), targets, reduction="none") * weights).sum()
@@ -114,19 +135,21 @@ def _chunk_ce(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor
 
 def chunked_lm_loss(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], input_ids: torch.Tensor,
                     attention_mask: torch.Tensor, cont_mask: torch.Tensor, mode: str = "weight", mle_w: float = 0.1,
-                    chunk: int = 4096, n_chunks: Callable[[int], int] | None = None) -> torch.Tensor:
+                    chunk: int = 4096, n_chunks: Callable[[int], int] | None = None,
+                    counts: dict[str, int] | None = None) -> torch.Tensor:
     """`weighted_lm_loss` from the final hidden states (B, T, d) and the output head (hidden -> logits),
     never holding more than `chunk` positions' logits: each chunk of targets is checkpointed, so backward
     recomputes its logits rather than keeping (B, T, V) of them (bf16 logits, their fp32 copy and the
     log-softmax were ~10 bytes per vocabulary entry per position). `head` is called as a module, once
     per chunk and again in backward, so ZeRO-3's hooks gather a partitioned head each time; under ZeRO-3
     `n_chunks` maps this rank's chunk count to the largest over ranks (empty chunks fill up), because
-    every gather is a collective."""
+    every gather is a collective. `counts`: as in `weighted_lm_loss`."""
     check_choice("mle", mode, MLE_MODES)
     if mode == "no":
         return hidden.new_zeros((), dtype=torch.float32)
     used, weights = lm_targets(attention_mask, cont_mask, mode, mle_w)
-    picked, targets, weights = hidden[:, :-1][used], input_ids[:, 1:][used], weights[used]
+    rows, cols = target_positions(used, None if counts is None else counts[mode])
+    picked, targets, weights = hidden[rows, cols], input_ids[rows, cols + 1], weights[rows, cols]
     count = -(-picked.shape[0] // chunk)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, chunk * (n_chunks(count) if n_chunks else count), chunk):
@@ -137,26 +160,28 @@ def chunked_lm_loss(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.T
 
 def liger_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, input_ids: torch.Tensor,
                   attention_mask: torch.Tensor, cont_mask: torch.Tensor, mode: str = "weight",
-                  mle_w: float = 0.1) -> torch.Tensor:
+                  mle_w: float = 0.1, counts: dict[str, int] | None = None) -> torch.Tensor:
     """`weighted_lm_loss` through liger-kernel's fused linear cross-entropy (no logits in memory at all).
     It needs the head's weight itself (not under ZeRO-3). Summed per weight class (prompt targets x mle_w,
-    continuation targets x 1), which every liger version supports."""
+    continuation targets x 1), which every liger version supports. `counts`: as in `weighted_lm_loss`."""
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
     check_choice("mle", mode, MLE_MODES)
     if mode == "no":
         return hidden.new_zeros((), dtype=torch.float32)
     used, _ = lm_targets(attention_mask, cont_mask, mode, mle_w)
-    picked, targets = hidden[:, :-1][used], input_ids[:, 1:][used]
     fused = LigerFusedLinearCrossEntropyLoss(reduction="sum")
     if mode != "weight":
-        total = fused(weight, picked, targets, bias).float()
+        classes = [(used, None if counts is None else counts[mode], 1.0)]
     else:
-        cont = cont_mask.bool()[:, 1:][used]
-        total = hidden.new_zeros((), dtype=torch.float32)
-        for rows, scale in ((cont, 1.0), (~cont, mle_w)):
-            if rows.any():
-                total = total + scale * fused(weight, picked[rows], targets[rows], bias).float()
+        cont = cont_mask.bool()[:, 1:]
+        classes = [(used & cont, None if counts is None else counts["continuation"], 1.0),
+                   (used & ~cont, None if counts is None else counts["weight"] - counts["continuation"], mle_w)]
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for targets, count, scale in classes:
+        rows, cols = target_positions(targets, count)
+        if rows.numel():
+            total = total + scale * fused(weight, hidden[rows, cols], input_ids[rows, cols + 1], bias).float()
     return total / used.sum().clamp(min=1)
 
 

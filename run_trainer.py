@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import distributed
 from args import TrainArguments
-from trainer import run_training
 
 
-main = distributed.script_main(TrainArguments, run_training, relaunch=True)
+main = distributed.script_main(TrainArguments, "trainer:run_training", relaunch=True)
 
 if __name__ == "__main__":
     main()

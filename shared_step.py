@@ -43,6 +43,7 @@ import inspect
 import re
 import weakref
 from contextlib import contextmanager, nullcontext
+from functools import partial
 from typing import Callable, Iterator
 
 import torch
@@ -182,19 +183,24 @@ def checkpoint_with_cache(model: torch.nn.Module) -> Iterator[None]:
 class _RecordingLayer(DynamicLayer):
     """The LM forward's cache layer: keeps a detached copy of the prefix columns of the rows that have a
     triplet (so the full-width cache of every row never exists) and hands the new K/V back unchanged, so
-    the forward attends exactly as it would without a cache. A replay records nothing again."""
+    the forward attends exactly as it would without a cache. A replay records nothing again. `rows` None:
+    every row (the prefix forward of `prefix_cache`)."""
 
-    def __init__(self, rows: torch.Tensor, width: int):
+    def __init__(self, rows: torch.Tensor | None, prefix_mask: torch.Tensor):
         super().__init__()
-        self.rows, self.width, self.done = rows, width, False
+        # The width is read from the prefix mask's shape, not kept as an int: compiled, an int attribute is a
+        # constant (a new graph per prefix width), a tensor's size is a symbol.
+        self.rows, self.prefix_mask, self.done = rows, prefix_mask, False
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.done:
             # Detached: the triplet loss must not push gradients into the prefix through pos/neg (as in the
             # original, whose prefix ran without grad). Detached before indexing, so autograd records
-            # nothing here that a replay (which skips this) would miss; indexing copies.
-            self.keys = key_states.detach()[self.rows, :, :self.width]
-            self.values = value_states.detach()[self.rows, :, :self.width]
+            # nothing here that a replay (which skips this) would miss; indexing rows copies.
+            rows = slice(None) if self.rows is None else self.rows
+            width = self.prefix_mask.shape[1]
+            self.keys = key_states.detach()[rows, :, :width]
+            self.values = value_states.detach()[rows, :, :width]
             self.device, self.is_initialized, self.done = key_states.device, True, True
         return key_states, value_states
 
@@ -233,10 +239,12 @@ class _PrefixCache(DynamicCache):
         Cache.__init__(self, layers=layers)
 
 
-def recording_cache(model: torch.nn.Module, rows: torch.Tensor, width: int) -> _PrefixCache | None:
-    """A cache for the LM forward that records the prefix of `rows`; None when the model's cache layers are
-    not all plain (sliding windows, shared or linear-attention layers): the prefix is then recomputed."""
-    if not CAN_KEEP_CACHE and _checkpointed_layers(model):
+def recording_cache(model: torch.nn.Module, rows: torch.Tensor | None, prefix_mask: torch.Tensor,
+                    checkpointed: bool = True) -> _PrefixCache | None:
+    """A cache for the LM forward that records the prefix (the columns of `prefix_mask`) of `rows`; None when
+    the model's cache layers are not all plain (sliding windows, shared or linear-attention layers): the prefix
+    is then recomputed. `checkpointed`: the forward will run under the model's checkpointing, if it has any."""
+    if checkpointed and not CAN_KEEP_CACHE and _checkpointed_layers(model):
         return None  # the layers would drop it; recomputing the prefix keeps the LM forward checkpointed
     config = unwrap(model).config
     try:
@@ -246,7 +254,15 @@ def recording_cache(model: torch.nn.Module, rows: torch.Tensor, width: int) -> _
         return None
     if len(layers) != count or not all(type(layer) is DynamicLayer for layer in layers):
         return None
-    return _PrefixCache([_RecordingLayer(rows, width) for _ in range(count)])
+    return _PrefixCache([_RecordingLayer(rows, prefix_mask) for _ in range(count)])
+
+
+def _served(layers: list[DynamicLayer], repeats: int) -> _PrefixCache:
+    """The layers' K/V as a prefix cache, each row read `repeats` times."""
+    served = _PrefixCache([_PrefixLayer(layer.keys, layer.values, repeats) for layer in layers])
+    for layer in layers:  # the served cache holds the only reference: freed with it
+        layer.keys = layer.values = None
+    return served
 
 
 def reuse_prefix_cache(cache, repeats: int) -> _PrefixCache | None:
@@ -255,10 +271,7 @@ def reuse_prefix_cache(cache, repeats: int) -> _PrefixCache | None:
     layers = getattr(cache, "layers", None)
     if not layers or not all(isinstance(layer, _RecordingLayer) and layer.done for layer in layers):
         return None
-    served = _PrefixCache([_PrefixLayer(layer.keys, layer.values, repeats) for layer in layers])
-    for layer in layers:  # the served cache holds the only reference: freed with it
-        layer.keys = layer.values = None
-    return served
+    return _served(layers, repeats)
 
 
 def prefix_cache(model: torch.nn.Module, batch: dict, repeats: int, rows: torch.Tensor | None = None):
@@ -266,27 +279,72 @@ def prefix_cache(model: torch.nn.Module, batch: dict, repeats: int, rows: torch.
     times; the prefixes' last-position logits (N, V), which predict every continuation's first token)."""
     width = batch["prefix_ids"].shape[1]
     pick = slice(None) if rows is None else rows
-    with torch.no_grad():
+    # One of ours rather than the model's own cache, which a compiled layer would pick by layer index. No grad:
+    # nothing is kept for backward, so checkpointing is off (some transformers drop a cache under it).
+    recorder = recording_cache(model, None, batch["prefix_mask"], checkpointed=False)
+    with torch.no_grad(), cache_kept(model), (own_layers(model, recorder) if recorder is not None else nullcontext()):
         out = _forward(model, batch["prefix_ids"][pick], batch["prefix_mask"][pick],
-                       batch["position_ids"][pick, :width], use_cache=True, logits=False)
+                       batch["position_ids"][pick, :width], cache=recorder, use_cache=True, logits=False)
     cache = _output_cache(out)
     layers = getattr(cache, "layers", None)
-    if layers and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers):
-        cache = _PrefixCache([_PrefixLayer(layer.keys, layer.values, repeats) for layer in layers])
+    if layers and all(isinstance(layer, _RecordingLayer) or (type(layer) is DynamicLayer and layer.is_initialized)
+                      for layer in layers):
+        cache = _served(layers, repeats)
     else:
         cache.batch_repeat_interleave(repeats)
     return cache, out.logits[:, -1]
 
 
-def _reading(model: torch.nn.Module, cache):
-    """How a forward that reads `cache` is run under gradient checkpointing."""
-    return checkpoint_with_cache(model) if isinstance(cache, _PrefixCache) else cache_kept(model)
+_CACHE_PARAMS = ("cache", "past_key_values", "past_key_value")  # renamed across transformers versions
 
 
-def triplet_rows(triplet_mask: torch.Tensor) -> torch.Tensor:
-    """Rows that have a triplet; row 0 alone when none has (the forward must still run on every rank)."""
-    rows = triplet_mask.nonzero().flatten()
-    return rows if rows.numel() else torch.zeros(1, dtype=torch.long, device=triplet_mask.device)
+def _cache_param(module: torch.nn.Module) -> str | None:
+    """The name under which `module` takes the KV cache, when it reads its own layer of it (attention modules
+    call `cache.update(keys, values, self.layer_idx)`); else None."""
+    if not isinstance(getattr(module, "layer_idx", None), int):
+        return None
+    params = inspect.signature(module.forward).parameters
+    return next((name for name in _CACHE_PARAMS if name in params), None)
+
+
+def _own_layer(layer: DynamicLayer, param: str, module: torch.nn.Module, args: tuple, kwargs: dict):
+    return args, {**kwargs, param: layer}
+
+
+@contextmanager
+def own_layers(model: torch.nn.Module, cache: _PrefixCache) -> Iterator[None]:
+    """During the next forward, hand each attention module its own layer of `cache` (a forward pre-hook).
+
+    A compiled layer (--torch_compile) would pick it as `cache.layers[self.layer_idx]`: dynamo specialises
+    on the index, so every decoder layer got its own graph and a 12-layer model hit the recompile limit in
+    the first step. Handed over, the layer is an input like any other and all decoder layers share a graph.
+    The model still gets `cache`: mask sizes come from it, and so does a checkpointed layer's replay in
+    backward, which runs after the hooks are gone and reaches the same layer through it."""
+    handles = []
+    for module in unwrap(model).modules():
+        param = _cache_param(module)
+        if param is not None:
+            hook = partial(_own_layer, cache.layers[module.layer_idx], param)
+            handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def serving(model: torch.nn.Module, cache) -> Iterator[None]:
+    """How a forward that passes `cache` is run: one of ours (`_PrefixCache`) stays passed under gradient
+    checkpointing and each attention module gets its own layer; any other runs unchecked (`cache_kept`)."""
+    if cache is None:
+        yield
+    elif isinstance(cache, _PrefixCache):
+        with checkpoint_with_cache(model), own_layers(model, cache):
+            yield
+    else:
+        with cache_kept(model):
+            yield
 
 
 def _pad_right(t: torch.Tensor, width: int, value: int = 0) -> torch.Tensor:
@@ -370,14 +428,16 @@ def _chunks_everywhere(head: torch.nn.Module, device: torch.device) -> Callable[
     return most
 
 
-def lm_loss(impl: str, head, logits, hidden, ids, mask, cont_mask, mode: str, cfg: LossConfig) -> torch.Tensor:
-    """`weighted_lm_loss` by the path `output_head` chose: from the logits, or from the hidden states."""
+def lm_loss(impl: str, head, logits, hidden, ids, mask, cont_mask, mode: str, cfg: LossConfig,
+            counts: dict[str, int]) -> torch.Tensor:
+    """`weighted_lm_loss` by the path `output_head` chose: from the logits, or from the hidden states.
+    `counts`: the batch's `lm_target_counts`, so the targets are picked without a device sync."""
     if impl == "logits":
-        return weighted_lm_loss(logits, ids, mask, cont_mask, mode, cfg.mle_w)
+        return weighted_lm_loss(logits, ids, mask, cont_mask, mode, cfg.mle_w, counts)
     if impl == "liger":
-        return liger_lm_loss(hidden, head.weight, head.bias, ids, mask, cont_mask, mode, cfg.mle_w)
+        return liger_lm_loss(hidden, head.weight, head.bias, ids, mask, cont_mask, mode, cfg.mle_w, counts)
     return chunked_lm_loss(hidden, head, ids, mask, cont_mask, mode, cfg.mle_w, cfg.lm_loss_chunk,
-                           _chunks_everywhere(head, hidden.device))
+                           _chunks_everywhere(head, hidden.device), counts)
 
 
 # ---------------------------------------------------------------- the step
@@ -397,7 +457,11 @@ def _contrast_inputs(hidden: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor
 
 
 def compute_tailored_loss(model: torch.nn.Module, batch: dict, cfg: LossConfig) -> tuple[torch.Tensor, dict]:
-    """Total loss (LM + cl_ratio * self-reflection) and detached metrics lm_loss, cl_loss, triplet_fraction."""
+    """Total loss (LM + cl_ratio * self-reflection) and detached metrics lm_loss, cl_loss, triplet_fraction.
+
+    Every size that depends on the data (rows with a triplet, the contrast forward's width, how many LM
+    targets count) comes from the collator, known on the host: the step never waits for the device to learn
+    one (no nonzero, boolean-mask indexing or .item())."""
     prefix_ids, prefix_mask = batch["prefix_ids"], batch["prefix_mask"]
     cont_ids, cont_mask = batch["cont_ids"], batch["cont_mask"]
     width = prefix_ids.shape[1]
@@ -406,13 +470,13 @@ def compute_tailored_loss(model: torch.nn.Module, batch: dict, cfg: LossConfig) 
     if cfg.mle in ("weight", "hf"):
         ids, mask = torch.cat([prefix_ids, cont_ids], 1), torch.cat([prefix_mask, cont_mask], 1)
         parts = 3 if cfg.cl_anchor == "detached" else 2  # detached: the anchor is re-read on the prefix cache too
-        rows = triplet_rows(batch["triplet_mask"]) if cfg.contrastive else None
-        recorder = recording_cache(model, rows, width) if cfg.contrastive else None
-        with final_hidden(model) as full, (checkpoint_with_cache(model) if recorder is not None else nullcontext()):
+        rows = batch["triplet_rows"] if cfg.contrastive else None
+        recorder = recording_cache(model, rows, prefix_mask) if cfg.contrastive else None
+        with final_hidden(model) as full, serving(model, recorder):
             out = _forward(model, ids, mask, batch["position_ids"], cache=recorder, use_cache=recorder is not None,
                            logits=impl == "logits")
         lm = lm_loss(impl, head, out.logits, full["hidden"], ids, mask,
-                     torch.cat([torch.zeros_like(prefix_mask), cont_mask], 1), cfg.mle, cfg)
+                     torch.cat([torch.zeros_like(prefix_mask), cont_mask], 1), cfg.mle, cfg, batch["lm_target_counts"])
         if not cfg.contrastive:
             return lm, {"lm_loss": lm.detach()}
         # Positives and negatives only for rows that have a triplet (rows without one are masked out anyway).
@@ -432,9 +496,11 @@ def compute_tailored_loss(model: torch.nn.Module, batch: dict, cfg: LossConfig) 
             mask = _interleave(_pad_right(cont_mask[rows], columns), _pad_right(mask, columns))
             positions = _interleave(_pad_right(batch["position_ids"][rows, width:], columns),
                                     _pad_right(positions, columns))
-        columns = contrast_columns(mask, batch.get("width_multiple", 1))  # right-padded: drop columns only dropped rows used
+        # right-padded: drop the columns only rows without a triplet used
+        longest = max(batch["longest_pair"], batch["longest_anchor"] if parts == 3 else 0)
+        columns = contrast_columns(longest, mask.shape[1], batch.get("width_multiple", 1))
         ids, mask, positions = ids[:, :columns], mask[:, :columns], positions[:, :columns]
-        with final_hidden(model) as contrast, _reading(model, cache):
+        with final_hidden(model) as contrast, serving(model, cache):
             out = _forward(model, ids, torch.cat([prefix_mask[rows].repeat_interleave(parts, 0), mask], 1), positions,
                            cache=cache, use_cache=True, logits=want_logprobs)
         del cache
@@ -448,13 +514,13 @@ def compute_tailored_loss(model: torch.nn.Module, batch: dict, cfg: LossConfig) 
         positions = _interleave(_pad_right(batch["position_ids"][:, width:], columns),
                                 _pad_right(batch["contrast_position_ids"], columns))
         cache, first_logits = prefix_cache(model, batch, 3)
-        with final_hidden(model) as store, _reading(model, cache):
+        with final_hidden(model) as store, serving(model, cache):
             out = _forward(model, ids, torch.cat([prefix_mask.repeat_interleave(3, 0), mask], 1), positions,
                            cache=cache, use_cache=True, logits=(cfg.mle == "nograd" and impl == "logits") or want_logprobs)
         del cache
         hidden = store["hidden"]
         lm = (lm_loss(impl, head, out.logits[0::3] if impl == "logits" else None, hidden[0::3], ids[0::3], mask[0::3],
-                      mask[0::3], "nograd", cfg)
+                      mask[0::3], "nograd", cfg, batch["lm_target_counts"])
               if cfg.mle == "nograd" else hidden.new_zeros((), dtype=torch.float32))
         inputs = _contrast_inputs(hidden, ids, mask, 3, cfg, batch["triplet_mask"],
                                   logits=out.logits if want_logprobs else None, first_logits=first_logits)
@@ -465,8 +531,7 @@ def compute_tailored_loss(model: torch.nn.Module, batch: dict, cfg: LossConfig) 
     return lm + cl, metrics
 
 
-def contrast_columns(mask: torch.Tensor, multiple: int = 1) -> int:
-    """Columns of the contrast forward: its longest real row, rounded up to `multiple` (a bucketed batch's
-    `width_multiple`, so compiled kernels see few shapes; the extra columns are masked)."""
-    used = int(mask.sum(1).max())
-    return min(mask.shape[1], -(-used // multiple) * multiple)
+def contrast_columns(longest: int, width: int, multiple: int = 1) -> int:
+    """Columns of the contrast forward (at most `width`): its longest real row, rounded up to `multiple` (a
+    bucketed batch's `width_multiple`, so compiled kernels see few shapes; the extra columns are masked)."""
+    return min(width, -(-longest // multiple) * multiple)

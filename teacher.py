@@ -265,8 +265,15 @@ def read_summary(out: Path) -> dict | None:
 
 async def _collect(collector: Collector, pending: list[Request], records: dict, n: int) -> None:
     from tqdm import tqdm
-    with tqdm(total=len(pending), desc="teacher", unit="req", file=sys.stderr, dynamic_ncols=True) as bar:
-        await collector.run(pending, records, n, bar)
+    try:
+        with tqdm(total=len(pending), desc="teacher", unit="req", file=sys.stderr, dynamic_ncols=True) as bar:
+            await collector.run(pending, records, n, bar)
+    finally:
+        # Closed inside the loop: left to the garbage collector, the HTTP client schedules its close on a loop
+        # asyncio.run has already closed, and prints "Event loop is closed" after the run's one error line.
+        client = getattr(collector.backend, "client", None)
+        if client is not None and hasattr(client, "close"):
+            await client.close()
 
 
 def _summary_numbers(requests, pending, records, collector: Collector, outputs: Outputs, started: float) -> dict:

@@ -25,6 +25,7 @@ import torch
 import tasks
 from answers import ANSWER_MARKER, answer_line, cut_at_blank_line
 from common import UserError, read_json
+from losses import lm_target_counts
 from tasks import Example, TaskSpec
 
 
@@ -413,6 +414,11 @@ def _triplet_parts(features: list[dict], eos_id: int) -> tuple[list[list[int]], 
     return seqs, torch.tensor(mask)
 
 
+def triplet_rows(triplet_mask: list[float]) -> list[int]:
+    """Rows that have a triplet; row 0 alone when none has (the contrast forward must still run on every rank)."""
+    return [i for i, has in enumerate(triplet_mask) if has] or [0]
+
+
 @dataclass
 class TailoredCollator:
     """Batch for `shared_step.compute_tailored_loss`.
@@ -427,6 +433,10 @@ class TailoredCollator:
                                     negative (the order of Cache.batch_repeat_interleave(2))
         contrast_position_ids       (2B, K) continuing after row i's real prefix length
         triplet_mask                (B,)  1.0 where row i has a distinct positive and a negative
+        triplet_rows                (N,)  long: the rows with a triplet (row 0 alone when none has)
+        longest_anchor, longest_pair  ints: the longest continuation, and positive or negative, of those rows
+    and `lm_target_counts` (losses.lm_target_counts). The ints are sizes the step needs on the host: read
+    from the device, each would stall it (`trainer.bucket_batch`'s padding leaves them unchanged).
     """
     pad_token_id: int
     eos_token_id: int
@@ -436,11 +446,16 @@ class TailoredCollator:
         prefix_ids, prefix_mask = _pad([f["prefix_ids"] for f in features], self.pad_token_id, left=True)
         cont_ids, cont_mask = _pad([f["cont_ids"] for f in features], self.pad_token_id)
         batch = {"prefix_ids": prefix_ids, "prefix_mask": prefix_mask, "cont_ids": cont_ids, "cont_mask": cont_mask,
-                 "position_ids": positions_from_mask(torch.cat([prefix_mask, cont_mask], 1))}
+                 "position_ids": positions_from_mask(torch.cat([prefix_mask, cont_mask], 1)),
+                 "lm_target_counts": lm_target_counts(torch.cat([prefix_mask, cont_mask], 1),
+                                                      torch.cat([torch.zeros_like(prefix_mask), cont_mask], 1))}
         if self.contrastive:
             seqs, triplet_mask = _triplet_parts(features, self.eos_token_id)
             contrast_ids, contrast_mask = _pad(seqs, self.pad_token_id)
             prefix_len = prefix_mask.sum(1).repeat_interleave(2)
+            rows = triplet_rows(triplet_mask.tolist())
             batch.update(contrast_ids=contrast_ids, contrast_mask=contrast_mask, triplet_mask=triplet_mask,
-                         contrast_position_ids=positions_from_mask(contrast_mask, prefix_len))
+                         contrast_position_ids=positions_from_mask(contrast_mask, prefix_len),
+                         triplet_rows=torch.tensor(rows), longest_anchor=max(len(features[i]["cont_ids"]) for i in rows),
+                         longest_pair=max(len(seqs[2 * i + k]) for i in rows for k in (0, 1)))
         return batch

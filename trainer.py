@@ -15,17 +15,18 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
-from torch.optim.adamw import adamw
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
 import distributed
+import hf_compat
+import precision
 from args import ORIGINAL_TRAIN_DEFAULTS, as_dict, differing_defaults
 from common import UserError, atomic_write_json, check_output_dir, read_json, redact, set_seed
 from generation import (SamplingConfig, check_model_path, evaluate, load_config, load_tokenizer, load_weights,
-                        max_positions, tokenizer_source, torch_dtype)
+                        max_positions, tokenizer_source)
 from losses import LossConfig, clip_self_reflection
 from shared_step import compute_tailored_loss, enable_checkpointing, unwrap
 from tasks import get_task, has_validation, load_demos, load_split
@@ -414,7 +415,7 @@ def default_output_dir(args) -> str:
     return str(Path("checkpoints") / "student_train" / (args.task + (f"_{args.note}" if args.note else "")))
 
 
-# Fields of TrainArguments that mean something else here: precision is decided by `precision()`, the
+# Fields of TrainArguments that mean something else here: precision is decided by `precision.autocast_precision`, the
 # output folder has our default, evaluation is our own accuracy by generation, the rank comes from the launcher.
 NOT_PASSED_TO_TRAINER = {"fp16", "bf16", "output_dir", "do_eval", "local_rank", "debug", "lr_scheduler_type", "deepspeed",
                          "logging_steps", "optim", "gradient_checkpointing", "torch_compile"}  # the last three: set_up_model
@@ -488,13 +489,12 @@ def attention_implementation(requested: str, config) -> str | None:
 
 
 def model_kwargs(args, config) -> dict:
-    """from_pretrained keywords of the switches: attention kernel, and bf16 weights for --bf16_weights."""
-    kwargs = {}
+    """from_pretrained keywords: the attention kernel of --attn_implementation, and the dtype the weights
+    train in (precision.load_dtype: float32 unless --bf16_weights or a frozen LoRA base)."""
+    kwargs = {"dtype": precision.load_dtype(args)}
     attention = attention_implementation(args.attn_implementation, config)
     if attention:
         kwargs["attn_implementation"] = attention
-    if args.bf16_weights:
-        kwargs["dtype"] = torch.bfloat16
     return kwargs
 
 
@@ -506,19 +506,32 @@ def set_up_model(model: torch.nn.Module, args) -> torch.nn.Module:
         model = add_lora(model, args)
     if args.torch_compile:
         compile_layers(model)
+        if args.gradient_checkpointing and args.contrastive and not hf_compat.checkpoint_inside_compiled_layer():
+            print(f"note: --torch_compile with --gradient_checkpointing: transformers {hf_compat.installed()} replays "
+                  "checkpointed layers outside their compiled graphs, so the shared step compiles one graph per layer "
+                  "and may hit dynamo's recompile limit (the pinned transformers does not)")
     return model
 
 
 def compile_layers(model: torch.nn.Module, backend: str = "inductor") -> int:
-    """torch.compile each decoder layer (transformers' regional compilation: all layers share one compiled
-    graph per input shape, and the shared step's hooks and caches stay outside the compiled regions).
-    Shapes vary little once batches are bucketed (BucketedCollator); after the first change dynamo
-    compiles a dynamic-shape graph. Returns the number of layers compiled."""
+    """torch.compile each decoder layer (transformers' regional compilation). All layers share their graphs,
+    one per kind of forward the step runs, however deep the model: the step hands each attention module its
+    own cache layer (shared_step.own_layers), so no graph depends on a layer's index. Dynamo's recompile
+    limit (8) counts the graphs of all layers and kinds together; a batch with a single row with a triplet
+    adds one set of graphs once (dynamo specialises sizes 0 and 1).
+
+    Shapes are dynamic from the first graph: even bucketed (BucketedCollator), the widths and the number of
+    rows with a triplet change from batch to batch, and a static first graph per kind would only be
+    replaced at the first change. Under gradient checkpointing, the LM forward's cache layer records the
+    prefix K/V inside the checkpointed layer, a side effect dynamo refuses unless told that the replay in
+    backward may skip it, which is what the recording layer does anyway (it records once). Returns the
+    number of layers compiled."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
+    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     layers = [m for m in unwrap(model).modules() if isinstance(m, GradientCheckpointingLayer)]
     for layer in layers:
-        layer.compile(backend=backend)
+        layer.compile(backend=backend, dynamic=True)
     if not layers:
         raise UserError("--torch_compile: found no decoder layer to compile in this model")
     return len(layers)
@@ -552,77 +565,6 @@ class BucketedCollator:
 
     def __call__(self, features: list[dict]) -> dict:
         return bucket_batch(self.collator(features), self.multiple, self.collator.pad_token_id)
-
-
-class MasterWeightAdamW(torch.optim.Optimizer):
-    """AdamW for low-precision (bf16) parameters, stepping fp32 master copies: each parameter's state holds
-    its fp32 master weight and fp32 moments; a step adds the gradient (upcast) to the master, and the
-    master, rounded, is copied back into the parameter. So updates smaller than a bf16 ulp of the weight
-    accumulate instead of vanishing. The masters start from the bf16 weights as loaded (the precision lost
-    in that first rounding does not come back). State dicts (checkpoints, --resume) carry the masters."""
-
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, fused: bool | None = None):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-        self.fused = fused
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            for p in params:
-                state = self.state[p]
-                if not state:
-                    state["master"] = p.detach().float().clone()
-                    state["exp_avg"] = torch.zeros_like(state["master"])
-                    state["exp_avg_sq"] = torch.zeros_like(state["master"])
-                    # fused kernels want the step count on the parameter's device
-                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if self.fused else "cpu")
-            states = [self.state[p] for p in params]
-            masters = [s["master"] for s in states]
-            adamw(
-                masters, [p.grad.float() for p in params], [s["exp_avg"] for s in states],
-                [s["exp_avg_sq"] for s in states], [], [s["step"] for s in states], fused=self.fused or None,
-                amsgrad=False, beta1=group["betas"][0], beta2=group["betas"][1],
-                lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
-            torch._foreach_copy_(params, masters)
-        return loss
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        # torch casts floating-point state to each parameter's dtype: that would round the fp32 masters
-        # and moments of a resumed run to bf16, so they are put back as saved.
-        super().load_state_dict(state_dict)
-        params = [p for group in self.param_groups for p in group["params"]]
-        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
-        for p, i in zip(params, saved_ids):
-            saved = state_dict["state"].get(i)
-            if saved:
-                for key in ("master", "exp_avg", "exp_avg_sq"):
-                    self.state[p][key] = saved[key].to(device=p.device, dtype=torch.float32)
-                self.state[p]["step"] = saved["step"].to(device=p.device if self.fused else "cpu")
-
-
-def master_weight_optimizer(training_args: TrainingArguments) -> tuple[type, dict]:
-    """(class, keywords) of --bf16_weights' optimizer, with the Trainer's AdamW settings (it groups the
-    parameters for weight decay itself); fused on a GPU when --optim asks for a fused AdamW."""
-    fused = torch.cuda.is_available() and "fused" in str(training_args.optim)
-    return MasterWeightAdamW, dict(lr=training_args.learning_rate, betas=(training_args.adam_beta1, training_args.adam_beta2),
-                                   eps=training_args.adam_epsilon, fused=fused)
-
-
-def precision(args) -> tuple[bool, bool]:
-    """(bf16, fp16). fp16 needs a GPU; on CPU we say so and train in bf16 instead."""
-    torch_dtype(args.fp16, args.bf16)  # rejects both at once
-    if args.fp16 and not torch.cuda.is_available():
-        print("note: --fp16 needs a GPU; training in bf16 on this CPU")
-        return True, False
-    return args.bf16, args.fp16
 
 
 def sample_teacher_rows(data, keep: str, seed: int) -> None:
@@ -705,15 +647,19 @@ def run_training(args) -> dict:
                           sampling=SamplingConfig(max_new_tokens=task.max_new_tokens,
                                                   batch_size=args.per_device_eval_batch_size))
 
-    bf16, fp16 = precision(args)
-    if args.bf16_weights:
-        bf16 = False  # the weights themselves are bf16: no autocast over them
+    bf16, fp16 = precision.autocast_precision(args)
     training_args = training_arguments(args, output_dir, bf16, fp16, ds_config)  # before the model: ZeRO-3 partitions at load
     model = load_weights(model_path, flag, args.allow_pickle, trust_remote_code=args.trust_remote_code,
                          **model_kwargs(args, config))
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model = set_up_model(model, args)
+    cast = precision.ensure_fp32_trainable(model, args)
+    if distributed.is_main():
+        print(precision.describe(model, args, precision.checkpoint_dtype(config), bf16, fp16, ds_config)
+              + (f" ({cast} trainable tensors cast to float32)" if cast else ""))
+        print(precision.memory_plan(model, args, distributed.world_size(), ds_config).line())
+        print(hf_compat.version_line())
     multiple = args.pad_to_multiple_of or (64 if args.torch_compile else 0)
     collator = TailoredCollator(tokenizer.pad_token_id, tokenizer.eos_token_id, contrastive=args.contrastive)
 
@@ -721,7 +667,7 @@ def run_training(args) -> dict:
         model=model, args=training_args, train_dataset=TailoredDataset(data, seed=args.seed),
         eval_dataset=eval_setup["examples"] if eval_setup else None,  # read by our evaluate()
         data_collator=BucketedCollator(collator, multiple) if multiple > 1 else collator,
-        optimizer_cls_and_kwargs=master_weight_optimizer(training_args) if args.bf16_weights else None,
+        optimizer_cls_and_kwargs=precision.master_weight_optimizer(training_args) if args.bf16_weights else None,
         processing_class=tokenizer, loss_cfg=loss_cfg, merge_losses=args.merge_losses, eval_setup=eval_setup,
         lr_schedule=args.lr_scheduler_type, first_eval=args.do_first_eval,
         callbacks=[SaveExtrasCallback(as_dict(args), training_args.deepspeed, args.save_best)])

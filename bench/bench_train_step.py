@@ -147,7 +147,7 @@ def make_batches(args, tokenizer, device) -> tuple[dict, dict, int]:
     without = args.batch - round(args.triplet_share * args.batch)  # these rows lose their triplet
     picked = picked[:args.batch - without] + [dict(f, pos_ids=None, neg_ids=None) for f in picked[args.batch - without:]]
     collate = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, contrastive=True)
-    ours = {k: v.to(device) for k, v in TailoredCollator(**collate)(picked).items()}
+    ours = {k: v.to(device) if torch.is_tensor(v) else v for k, v in TailoredCollator(**collate)(picked).items()}
     five = {k: v.to(device) for k, v in FivePassCollator(**collate)(picked).items()}
     text_tokens = sum(len(f["prefix_ids"]) + len(f["cont_ids"]) for f in picked)
     return ours, five, text_tokens

@@ -92,3 +92,8 @@ def teacher_files(data_dir, tmp_path_factory):
     (folder / "train.round1.json").write_text(json.dumps(teacher))
     (folder / "student.round0.neg4.json").write_text(json.dumps(negatives))
     return folder / "train.round1.json", folder / "student.round0.neg4.json"
+
+
+def pytest_report_header(config):
+    import hf_compat
+    return hf_compat.version_line()

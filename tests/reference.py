@@ -27,7 +27,7 @@ def five_pass_loss(model: torch.nn.Module, batch: dict, cfg: LossConfig) -> tupl
     if not cfg.contrastive:
         return lm, {"lm_loss": lm.detach()}
     prefix_mask = batch["prefix_mask"]
-    with torch.no_grad():
+    with torch.no_grad(), cache_kept(model):  # a checkpointed layer of some transformers drops the cache
         prefix = _forward(model, batch["prefix_ids"], prefix_mask, positions_from_mask(prefix_mask), use_cache=True)
     kv = [(layer.keys, layer.values) for layer in _output_cache(prefix).layers]
     prefix_len = prefix_mask.sum(1)

@@ -80,6 +80,8 @@ CASES = {
     "train cl_clip without lm loss": Case("train", ["--mle", "no", "--cl_clip", "yes", "--contrastive", "yes",
                                                     "--cl_pos_path", "{teacher}", "--cl_neg_path", "{teacher}"], "--cl_clip"),
     "train deepspeed malformed": Case("train", ["--deepspeed", "{malformed_json}"], "--deepspeed"),
+    "train compile with deepspeed": Case("train", ["--torch_compile", "yes", "--deepspeed", "ds_stage3_config.json"],
+                                         "--torch_compile"),
     "train deepspeed missing": Case("train", ["--deepspeed", "{out}/nowhere.json"], "--deepspeed"),
     "train teacher file surrogate": Case("train", ["--teacher_data", "{surrogate_teacher}"], "--teacher_data"),
     "train teacher file not an object": Case("train", ["--teacher_data", "{list_teacher}"], "--teacher_data"),

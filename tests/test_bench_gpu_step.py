@@ -15,6 +15,11 @@ def test_gpu_step_bench_smoke(tmp_path):
     results = json.loads(out.read_text())
     for name in ("plain", "fast"):
         for variant in ("stock", "lm", "shared", "five"):
-            assert results["sets"][name][variant]["tokens_per_s"] > 0, (name, variant)
+            measured = results["sets"][name][variant]
+            assert measured["tokens_per_s"] > 0, (name, variant)
+            # the shared step trains the text plus the triplet rows' anchor, positive and negative
+            assert (measured["trained_tokens_per_s"] > measured["tokens_per_s"]) == (variant in ("shared", "five"))
+        assert results["sets"][name]["graphs"]["graph_breaks"] == 0
     assert results["trainer"]["fast"]["tokens_per_s"] > 0
+    assert results["versions"]["transformers"] and "MFU trained" in result.stdout
     assert "LM-only / stock step" in result.stdout and "run_trainer.py / bare shared step" in result.stdout

@@ -55,6 +55,9 @@ def prefix_path(request, monkeypatch):
 
 def test_greedy_outputs_are_identical_with_and_without_the_prefix_cache(student, fewshot_prompts, prefix_path):
     model, tokenizer = student
+    attention = model.config._attn_implementation
+    if prefix_path == "shared attention" and not generation.shares_prefix_attention(model):
+        pytest.skip(f"this transformers' {type(model).__name__} has no attention interface to share the prefix through")
     ids = encode_ids(tokenizer, fewshot_prompts, 1000)
     assert build_shared_prefix(model, ids).shared_attention == (prefix_path == "shared attention")
     # batch 4 over 11 prompts: batches that mix suffix lengths (padding between demos and question),
@@ -62,7 +65,7 @@ def test_greedy_outputs_are_identical_with_and_without_the_prefix_cache(student,
     plain, cached = both(model, tokenizer, fewshot_prompts, max_new_tokens=24, batch_size=4)
     assert cached == plain
     assert len(cached) == 11 and all(len(outs) == 1 for outs in cached)
-    assert model.config._attn_implementation == "sdpa"  # the model's own attention is back
+    assert model.config._attn_implementation == attention  # the model's own attention is back
 
 
 def test_sampling_several_sequences_per_prompt_matches_under_the_same_seed(student, fewshot_prompts, prefix_path):

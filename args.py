@@ -93,6 +93,19 @@ def device_list(device: str) -> list[str]:
     return items
 
 
+def optimizer_names() -> set[str]:
+    from transformers.training_args import OptimizerNames  # imports torch: only when --optim is given
+
+    return {o.value for o in OptimizerNames}
+
+
+def check_task(name: str) -> None:
+    """--task names a task of tasks.TASKS: checked with the flags, before any model code is imported."""
+    from tasks import get_task
+
+    get_task(name)
+
+
 @dataclass
 class DataArguments:
     """What the student is asked: task, splits, prompt format. Shared by every model-running script."""
@@ -153,6 +166,7 @@ class InferArguments(ModelArguments, DataArguments):
     note: str = field(default="", metadata={"help": "Free text stored in the output file."})
 
     def __post_init__(self):
+        check_task(self.task)
         if self.hint and not self.hint_filter_path:
             raise UserError("--hint needs --hint_filter_path (an Acc*.json whose wrong questions get hints)")
         if self.hint and not (self.fewshot and self.rationale):
@@ -182,6 +196,7 @@ class ExamArguments(ModelArguments, DataArguments):
     note: str = field(default="", metadata={"help": "Free text, also names the default output folder."})
 
     def __post_init__(self):
+        check_task(self.task)
         if self.num_return_sequences < 1:
             raise UserError(f"--num_return_sequences must be at least 1, got {self.num_return_sequences}")
 
@@ -310,6 +325,7 @@ class TrainArguments(ModelArguments, DataArguments, LoraArguments):
     note: str = field(default="", metadata={"help": "Free text; names the default output folder."})
 
     def __post_init__(self):  # loss settings are checked by losses.LossConfig, where they are used
+        check_task(self.task)
         if self.contrastive and not (self.cl_pos_path and self.cl_neg_path):
             raise UserError("--contrastive yes needs both --cl_pos_path and --cl_neg_path")
         if self.cl_neg_form not in ("original", "gold", "own"):
@@ -333,8 +349,7 @@ class TrainArguments(ModelArguments, DataArguments, LoraArguments):
             raise UserError(f"--max_grad_norm must be >= 0 (0: no clipping), got {self.max_grad_norm}")
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise UserError(f"--attn_implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, got {self.attn_implementation!r}")
-        from transformers.training_args import OptimizerNames
-        if self.optim != "auto" and self.optim not in {o.value for o in OptimizerNames}:
+        if self.optim != "auto" and self.optim not in optimizer_names():
             raise UserError(f"--optim: unknown optimizer {self.optim!r} (e.g. auto, adamw_torch_fused, adamw_torch)")
         if self.bf16_weights and (self.deepspeed or self.fp16):
             raise UserError("--bf16_weights keeps fp32 master weights itself: not with --fp16, nor with --deepspeed "
@@ -419,6 +434,7 @@ class RoundsArguments(LoraArguments):
     warm_steps: int = field(default=600, metadata={"help": "Embedded student only: warm-start steps when it is built."})
 
     def __post_init__(self):
+        check_task(self.task)
         if self.rounds < 1 or not 1 <= self.start_round <= self.rounds:
             raise UserError("--rounds must be >= 1 and --start_round within 1..rounds")
         if self.backend not in ("offline", "openai"):
@@ -583,6 +599,7 @@ class TeacherArguments:
     seed: int = field(default=42, metadata={"help": "offline backend: seed of its phrasing and errors."})
 
     def __post_init__(self):
+        check_task(self.task)
         # here as well as in parse(): the round driver builds these directly, and a NaN temperature
         # would otherwise reach the server and come back as "malformed replies", retried for nothing
         check_bounds(self)

@@ -119,3 +119,9 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def looks_local(path: str) -> bool:
+    """Hub names are 'org/name'; anything else, or a path under an existing folder here, is local."""
+    return (path.startswith((".", "/", "~")) or os.path.exists(path) or path.count("/") != 1
+            or os.path.isdir(path.split("/")[0]))

@@ -26,16 +26,10 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
 import distributed
-from common import UserError
+from common import UserError, looks_local
 from tasks import BOUNDARY, Example, TaskSpec, build_prompt, grade
 
 STOP = "\n\n"
-
-
-def looks_local(path: str) -> bool:
-    """Hub names are 'org/name'; anything else, or a path under an existing folder here, is local."""
-    return (path.startswith((".", "/", "~")) or os.path.exists(path) or path.count("/") != 1
-            or os.path.isdir(path.split("/")[0]))
 
 
 @contextmanager

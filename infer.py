@@ -14,12 +14,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
-
 import distributed
 from args import InferArguments, as_dict
-from common import UserError, atomic_write_json, check_output_dir, read_json, redact, set_seed
-from generation import SamplingConfig, evaluate, generation_settings, load_model, looks_local, torch_dtype
+from common import UserError, atomic_write_json, check_output_dir, looks_local, read_json, redact, set_seed
 from tasks import add_hints, build_prompt, get_task, load_demos, load_split
 
 
@@ -39,6 +36,9 @@ def demos_for(args, task) -> str:
 
 def inference_dtype(args) -> torch.dtype | None:
     """--fp16/--bf16 as given; with --fp16 unset, the original's float16 where it can serve (a GPU, no --bf16)."""
+    import torch
+
+    from generation import torch_dtype
     if args.fp16 is not None:
         return torch_dtype(args.fp16, args.bf16)
     reason = "with --bf16: bfloat16" if args.bf16 else "on CPU: float32" if distributed.device().type == "cpu" else None
@@ -70,6 +70,8 @@ def setup(args, keep: set[str] | None = None):
         if not examples:
             raise UserError(f"--hint_filter_path: none of its wrong questions is in split {args.test_on} of {task.name}")
     demos = demos_for(args, task)
+    from generation import load_model  # torch and transformers: after the flags and inputs are checked
+
     model, tokenizer = load_model(args.model_path, inference_dtype(args), args.trust_remote_code,
                                   flag="--checkpoint" if args.checkpoint else "--load", allow_pickle=args.allow_pickle,
                                   tokenizer_fallback=base_model(args) if args.checkpoint else None)
@@ -111,6 +113,8 @@ def run(args: InferArguments) -> dict | None:
     check_output_dir(out, "--output_dir")
     keep = wrong_questions(args.hint_filter_path) if args.hint else None
     task, examples, demos, model, tokenizer = setup(args, keep)
+    from generation import SamplingConfig, evaluate, generation_settings
+
     prompts = [build_prompt(task, ex, demos, args.rationale) for ex in examples]
     if args.hint:
         prompts = [add_hints(task, prompt, ex.gold) for prompt, ex in zip(prompts, examples)]

@@ -14,7 +14,6 @@ from pathlib import Path
 import distributed
 from args import ExamArguments, as_dict
 from common import atomic_write_json, atomic_write_jsonl, check_output_dir, read_json, redact
-from generation import SamplingConfig, generate, generation_settings
 from infer import default_output_dir, setup
 from tasks import build_prompt, grade
 
@@ -40,6 +39,8 @@ def run(args: ExamArguments) -> dict | None:
     out = Path(args.output_dir or default_output_dir(args, "exam"))
     check_output_dir(out, "--output_dir")
     task, examples, demos, model, tokenizer = setup(args)
+    from generation import SamplingConfig, generate, generation_settings  # after the flags are checked
+
     n_samples = args.num_return_sequences
     cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch, do_sample=True,
                          num_samples=n_samples, temperature=args.temperature, top_k=args.top_k, seed=args.seed,

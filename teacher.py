@@ -271,9 +271,9 @@ async def _collect(collector: Collector, pending: list[Request], records: dict, 
     finally:
         # Closed inside the loop: left to the garbage collector, the HTTP client schedules its close on a loop
         # asyncio.run has already closed, and prints "Event loop is closed" after the run's one error line.
-        client = getattr(collector.backend, "client", None)
-        if client is not None and hasattr(client, "close"):
-            await client.close()
+        close = getattr(collector.backend, "close", None)
+        if close is not None:
+            await close()
 
 
 def _summary_numbers(requests, pending, records, collector: Collector, outputs: Outputs, started: float) -> dict:

@@ -76,19 +76,30 @@ class OpenAITeacher:
 
     def __init__(self, model: str, base_url: str | None, api_key: str, timeout: float,
                  n: int, temperature: float, max_tokens: int):
-        import openai  # only this backend needs the client
-
-        self._openai = openai
         self.model = model
         self._n, self._temperature, self._max_tokens = n, temperature, max_tokens
-        # max_retries=0: our own loop retries, so the policy is visible, logged and testable.
-        self.client = openai.AsyncOpenAI(api_key=api_key, base_url=base_url, max_retries=0, timeout=timeout)
+        self._connection = {"api_key": api_key, "base_url": base_url, "timeout": timeout}
+        self._client = None
+
+    @property
+    def client(self):
+        """The OpenAI client, made on first use: importing openai takes ~1.5 s, which --dry_run never needs."""
+        if self._client is None:
+            import openai
+
+            # max_retries=0: our own loop retries, so the policy is visible, logged and testable.
+            self._client = openai.AsyncOpenAI(max_retries=0, **self._connection)
+        return self._client
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
 
     def params(self) -> dict:
         return {"n": self._n, "temperature": self._temperature, "max_tokens": self._max_tokens}
 
     async def complete(self, request: Request) -> Reply:
-        openai = self._openai
+        import openai
         try:
             response = await self.client.chat.completions.create(
                 model=self.model, messages=request.prompt.messages, **self.params())

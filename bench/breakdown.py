@@ -15,17 +15,20 @@ from collections import Counter, defaultdict
 
 # (bucket, pattern on the "function (file:line)" frames), tried in order on the whole stack
 BUCKETS = [
+    # threads parked on a lock or queue (TensorBoard's writer, tqdm's monitor): sampled, but not CPU work
+    ("waiting threads", re.compile(r"Condition\.wait|Event\.wait|Queue\.get|_AsyncWriterThread|TMonitor")),
     ("imports", re.compile(r"_find_and_load|<frozen importlib|_call_with_frames_removed")),
     ("teacher", re.compile(r"\((?:teacher\w*|query_teacher)\.py:")),
     ("generation", re.compile(r"\(generation\.py:|generate \(|_sample \(")),
-    ("training", re.compile(r"training_step|compute_tailored_loss|_inner_training_loop|backward \(|optimizer|step \(.*optim")),
+    ("training", re.compile(r"training_step|compute_tailored_loss|_inner_training_loop|warm_start|backward \(|optimizer|"
+                           r"step \(.*optim")),
     ("model and data loading", re.compile(r"from_pretrained|load_state_dict|safe_open|safetensors|\(tasks\.py:|"
-                                          r"\(train_data\.py:|\(wordmath\.py:|\(student\.py:|datasets/|tokenization")),
+                                          r"\(train_data\.py:|\(wordmath\.py:|datasets/|tokenization|train_tokenizer")),
     ("writing", re.compile(r"save_pretrained|save_model|_save_checkpoint|atomic_write|json/encoder|tensorboard|"
                            r"matplotlib|savefig|SummaryWriter")),
 ]
-STAGES = ["run_trainer.py", "infer_student_wrong.py", "infer.py", "query_teacher.py", "run_rounds.py", "reproduce.py",
-          "make_data.py", "student.py"]
+STAGES = ["run_trainer.py", "infer_student_wrong.py", "infer.py", "query_teacher.py", "build_student.py", "prepare_data.py",
+          "run_rounds.py", "reproduce.py"]
 
 
 def bucket_of(stack: str) -> str:

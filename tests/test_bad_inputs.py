@@ -6,6 +6,8 @@ three of them also run as real commands, to check the exit status and the timing
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import shutil
 import sys
 import time
@@ -20,6 +22,8 @@ import query_teacher
 import run_rounds
 import run_trainer
 from conftest import run_script, write_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPTS = {"infer": infer, "exam": infer_student_wrong, "train": run_trainer, "teacher": query_teacher,
            "rounds": run_rounds}
@@ -216,3 +220,26 @@ def test_argparse_errors_are_one_line_too(script, argv, names, monkeypatch, caps
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1, err
     assert err.startswith("error:") and names in err
+
+
+@pytest.mark.parametrize("argv", [
+    ["run_trainer.py", "--help"], ["run_trainer.py", "--task", "nope"], ["run_trainer.py", "--lr", "abc"],
+    ["infer.py", "--help"], ["infer.py", "--task", "nope"], ["infer_student_wrong.py", "--help"],
+    ["infer_student_wrong.py", "--num_return_sequences", "0"], ["run_rounds.py", "--help"],
+    ["run_rounds.py", "--task", "nope"], ["reproduce.py", "--help"], ["query_teacher.py", "--help"],
+], ids=" ".join)
+def test_help_and_bad_flags_answer_before_torch_is_imported(argv):
+    """--help and a flag-level mistake are answered from the flags alone: torch (3-4 s to import here, most of a
+    script's start-up) is not imported on the way. Import order is checked, not time, so this cannot flake."""
+    probe = ("import runpy, sys\n"
+             f"sys.argv = {argv!r}\n"
+             "try:\n"
+             f"    runpy.run_path({argv[0]!r}, run_name='__main__')\n"
+             "except SystemExit as stop:\n"
+             "    print('exit', stop.code, 'torch' in sys.modules, flush=True)\n")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    last = done.stdout.strip().splitlines()[-1]
+    code, torch_imported = last.split()[1], last.split()[2]
+    assert code in ("0", "2", "None"), done.stdout + done.stderr
+    assert torch_imported == "False", f"{' '.join(argv)} imported torch before answering"

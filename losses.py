@@ -114,9 +114,9 @@ def lm_target_counts(attention_mask: torch.Tensor, cont_mask: torch.Tensor) -> d
     """How many targets `weighted_lm_loss` counts in each mode (and, as "continuation", how many of weight's
     are continuation tokens: liger sums the two weight classes apart), from (B, T) masks on the host: the
     collator's, so the step never asks the device (the counts do not change with padding)."""
-    counts = {mode: int(lm_targets(attention_mask, cont_mask, mode, 1.0)[0].sum()) for mode in ("weight", "hf", "nograd")}
-    used, _ = lm_targets(attention_mask, cont_mask, "weight", 1.0)
-    counts["continuation"] = int((used & cont_mask.bool()[:, 1:]).sum())
+    used = {mode: lm_targets(attention_mask, cont_mask, mode, 1.0)[0] for mode in ("weight", "hf", "nograd")}
+    counts = {mode: int(mask.sum()) for mode, mask in used.items()}
+    counts["continuation"] = int((used["weight"] & cont_mask.bool()[:, 1:]).sum())
     return counts
 
 

@@ -6,6 +6,7 @@ original README uses both.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import ClassVar
 
@@ -382,7 +383,7 @@ class RoundsArguments(LoraArguments):
         "exam_max_new_tokens": ">=1", "num_train_epochs": ">=0", "per_device_train_batch_size": ">=1",
         "learning_rate": ">0", "warmup_steps": ">=0", "max_grad_norm": ">=0", "cl_ratio": ">=0", "cl_p": ">=0",
         "valid_size": ">=0", "eval_limit": ">=0", "eval_batch": ">=1", "warm_steps": ">=0",
-        "max_consecutive_failures": ">=0", **LoraArguments.BOUNDS}
+        "max_consecutive_failures": ">=0", "jobs": ">=1", "annotate_limit": ">=0", **LoraArguments.BOUNDS}
     task: str = field(default="wordmath", metadata={"help": "Task (see tasks.py)."})
     data_dir: str = field(default="localdataset", metadata={"help": "Dataset root."})
     student: str = field(default="checkpoints/wordmath-student", metadata={"help": "Round-0 student (hub name or folder). The embedded one is built if missing."})
@@ -401,8 +402,11 @@ class RoundsArguments(LoraArguments):
                                                                        "after this many failed connection attempts in a "
                                                                        "row with no answer between. 0: never."})
     keep_previous_data: bool = field(default=True, metadata={"help": "Round r >= 2 also trains on the earlier rounds' teacher data and negatives."})
-    exam_limit: int | None = field(default=600, metadata={"help": "Exam only the first N train questions (0: all). Round 1's annotation covers the whole split."})
-    exam_batch: int = field(default=32, metadata={"help": "Exam prompts per batch."})
+    exam_limit: int | None = field(default=200, metadata={"help": "Exam only the first N train questions (0: all)."})
+    annotate_limit: int | None = field(default=400, metadata={"help": "Round 1's teacher annotates only the first N train questions "
+                                                                      "(0: all): round 1's training data."})
+    exam_batch: int = field(default=50, metadata={"help": "Exam prompts per batch (each sampled --num_return_sequences times). "
+                                                                   "The default suits the 0.9M student on a CPU; a large model needs far fewer."})
     num_return_sequences: int = field(default=4, metadata={"help": "Exam samples per question."})
     exam_max_new_tokens: int = field(default=160, metadata={"help": "Exam tokens per sample."})
     num_train_epochs: float = field(default=1, metadata={"aliases": ["--epoch"], "help": "Training epochs per round."})
@@ -429,12 +433,22 @@ class RoundsArguments(LoraArguments):
                                                                         "validation; test is for the reported number)."})
     valid_size: int = field(default=500, metadata={"help": "Hub tasks (no validation split): N train items held out as validation "
                                                          "by every stage (embedded tasks have their own)."})
-    eval_limit: int | None = field(default=None, metadata={"help": "Evaluate only the first N items."})
-    eval_batch: int = field(default=64, metadata={"help": "Evaluation batch size."})
+    eval_limit: int | None = field(default=200, metadata={"help": "Evaluate only the first N items of each split (0: all)."})
+    eval_batch: int = field(default=200, metadata={"help": "Evaluation batch size. The default suits the 0.9M student on a CPU; a large "
+                                                            "model needs far fewer."})
     warm_steps: int = field(default=600, metadata={"help": "Embedded student only: warm-start steps when it is built."})
+    jobs: int | None = field(default=None, metadata={"help": "Stages run at once: independent arms (and seeds in reproduce.py) side "
+                                                            "by side, their output in their logs, the cores shared out as torch "
+                                                            "threads. Default: 2 with --device cpu on a machine with 2+ cores, else 1 "
+                                                            "(stages on GPUs would share the cards)."})
 
     def __post_init__(self):
         check_task(self.task)
+        if self.jobs is None:
+            self.jobs = 2 if self.device.strip().lower() == "cpu" and (os.cpu_count() or 1) >= 2 else 1
+        self.exam_limit = self.exam_limit or None  # 0: every question
+        self.annotate_limit = self.annotate_limit or None
+        self.eval_limit = self.eval_limit or None
         if self.rounds < 1 or not 1 <= self.start_round <= self.rounds:
             raise UserError("--rounds must be >= 1 and --start_round within 1..rounds")
         if self.backend not in ("offline", "openai"):
@@ -464,7 +478,7 @@ class EvidenceArguments(RoundsArguments):
     The defaults fit the embedded wordmath run of 3 seeds x all arms in 60 min on 2 CPU cores
     (evidence.py's docstring has the arithmetic); --quick is the small end-to-end check."""
     BOUNDS: ClassVar[dict] = {**RoundsArguments.BOUNDS, "seeds": ">=1", "bootstrap": ">=1", "prefer_beta": ">0",
-                              "prefer_gamma": ">=0", "annotate_limit": ">=0", "threads": ">=0"}
+                              "prefer_gamma": ">=0", "threads": ">=0"}
     workdir: str = field(default="runs/evidence", metadata={"help": "round0/ (the shared round-0 student), seed<s>/ (one round-driver "
                                                                     "folder per seed), results.json, evidence.png. --quick: runs/evidence_quick."})
     arms: str = field(default=",".join(EVIDENCE_ARMS), metadata={"help": "Comma list of arms (the arms they build on run too): "
@@ -486,9 +500,9 @@ class EvidenceArguments(RoundsArguments):
     prefer_neg_form: str = field(default="own", metadata={"help": "Arm +prefer: the rejected text (--cl_neg_form); own: the student's "
                                                                   "mistake as it wrote it, its wrong answer line included."})
     bootstrap: int = field(default=2000, metadata={"help": "Bootstrap resamples of the paired intervals."})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads of every stage (OMP_NUM_THREADS, unless already set). 0: 1 with "
-                                                      "--device cpu (on a busy 2-core machine two threads trained the 0.9M student 4-9x "
-                                                      "slower than one), the library's default on GPUs."})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads for the stages (OMP_NUM_THREADS, unless already set); stages "
+                                                      "running side by side (--jobs) split them evenly, since two stages of two threads "
+                                                      "each on 2 cores ran 4-9x slower. 0: every core."})
 
     def __post_init__(self):
         super().__post_init__()

@@ -11,6 +11,8 @@ import os
 import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 from typing import Callable
 
 # torch is imported inside the functions that need it: a script checks its flags and sets CUDA_VISIBLE_DEVICES
@@ -198,3 +200,39 @@ def script_main(arguments_class, run: str, relaunch: bool = False) -> Callable[[
         getattr(importlib.import_module(module), function)(args)
 
     return main
+
+
+def _building_in(folder: Path) -> bool:
+    """Whether a process works inside `folder` (torch runs an op's ninja build with it as the working
+    directory). Without /proc, any lock counts as a build in progress."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return True
+    for entry in proc.iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.readlink(entry / "cwd") == str(folder):
+                    return True
+            except OSError:
+                continue
+    return False
+
+
+def clear_stale_build_locks(min_age_s: float = 120.0) -> list[Path]:
+    """Remove the lock file of a DeepSpeed/torch op build that was killed partway (torch_extensions/<op>/lock):
+    torch takes it without recording an owner, so a stale one makes every later run wait on it forever.
+    A lock counts as stale when it is older than `min_age_s` and no process is building in its folder."""
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    removed = []
+    for lock in [*root.glob("*/lock"), *root.glob("*/*/lock")]:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except OSError:
+            continue
+        if age < min_age_s or _building_in(lock.parent.resolve()):
+            continue
+        lock.unlink(missing_ok=True)
+        removed.append(lock)
+        print(f"note: removed {lock}, a stale build lock ({age / 60:.0f} min old, no build running): a build "
+              f"killed partway leaves it, and every later run would wait on it", flush=True)
+    return removed

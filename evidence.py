@@ -41,12 +41,13 @@ import numpy as np
 
 from args import EVIDENCE_ARMS, EvidenceArguments
 from common import UserError, atomic_write_json, read_json
-from rounds import RoundDriver, command_of
+from rounds import RoundDriver
+from stage_process import command_of, run_jobs, say
 
 BUDGET = """
 Measured on the 2-core machine while other jobs shared it, so in CPU seconds of each stage at one torch
 thread (what its wall time is on one free core; with two threads, two jobs on 2 cores ran 4-9x slower,
-hence --threads' default of 1). One seed at --annotate_limit 800 --exam_limit 200 --eval_limit 300:
+hence one thread each while two stages run side by side). One seed at --annotate_limit 800 --exam_limit 200 --eval_limit 300:
   evaluation, 300 items of one split       13-26 s, mean 19 s (about 7 s of it: start-up, model load)
   exam, 200 questions x 4 samples          37-44 s
   teacher stage (offline)                  2 s
@@ -61,7 +62,8 @@ and the feedback to ~280 requests (round 2: ~1680 rows, ~105 steps):
   round 2   2 exams x 32 + 3 teachers x 2 + trainings 162 + 77 + 86 + 71 + 8 x 19     = 618 s
   one seed 946 s; three seeds 2838 s + 37 s + ~60 s = ~49 min, ~18% under the 60 min budget.
 Measured with these defaults on the idle 2-core machine (2026-11-26, bench/RESULTS.md): 43.7 min wall: 14.1-14.4 min
-of stages per seed, plus the round-0 evaluation and the harness.
+of stages per seed, plus the round-0 evaluation and the harness. Since 2026-12-07 stages start in a fork of the
+driver (no per-stage imports) and two run side by side (--jobs 2): 18.1 min wall for the same 86 stages.
 --quick (1 seed, 120 annotated questions, exam 40 x 2 samples, 40 items per split, 12 steps per training):
 26 stages of ~6-10 s each, almost all of it start-up.
 """
@@ -189,7 +191,7 @@ class ArmDriver(RoundDriver):
     def run_arm(self, arm: str) -> dict:
         r = ARMS[arm].round
         if not self.done(arm):
-            print(f"\n===== seed {self.args.seed}, arm {arm} (round {r}) =====", flush=True)
+            say(f"\n===== seed {self.args.seed}, arm {arm} (round {r}) =====")
             return self.run_round(arm, r)
         return self.manifest(arm, r)
 
@@ -199,7 +201,7 @@ class ArmDriver(RoundDriver):
 def check_workdir(args: EvidenceArguments, root: Path) -> None:
     """A workdir holds the stages of one set of settings: finished stages are skipped, so other settings
     would silently mix with them. Seeds, arms and the bootstrap may change between runs."""
-    free = {"seeds", "arms", "bootstrap", "quick", "workdir"}
+    free = {"seeds", "arms", "bootstrap", "quick", "workdir", "jobs"}
     settings = {k: v for k, v in asdict(args).items() if k not in free}
     path = root / "settings.json"
     if path.is_file():
@@ -220,12 +222,20 @@ def run(args: EvidenceArguments) -> dict:
     arms = with_dependencies(args.arms.split(","))
     seeds = seeds_of(args)
     drivers = {seed: ArmDriver(args, seed) for seed in seeds}
-    student = drivers[seeds[0]].evaluate_all(args.student, root / "round0")
-    manifests: dict[str, dict[int, dict]] = {arm: {} for arm in arms}
-    for seed in seeds:  # seed by seed: a run stopped early still has whole seeds
+    # Each (seed, arm) after the arms it builds on; jobs start in this order, so with --jobs 1 the run goes
+    # seed by seed (a run stopped early has whole seeds) and with more the next seed's arms fill idle cores.
+    jobs = {"student": (lambda: drivers[seeds[0]].evaluate_all(args.student, root / "round0"), ())}
+    for seed in seeds:
         for arm in arms:
-            manifests[arm][seed] = ({"round": 0, "arm": "student", "eval": student, "teacher": None, "seconds": 0}
-                                    if arm == "student" else drivers[seed].run_arm(arm))
+            if arm != "student":
+                needs = tuple((seed, dep) for dep in (ARMS[arm].parent, *ARMS[arm].needs) if dep != "student")
+                jobs[seed, arm] = (lambda seed=seed, arm=arm: drivers[seed].run_arm(arm), needs)
+    done = run_jobs(jobs, args.jobs)
+    manifests: dict[str, dict[int, dict]] = {arm: {} for arm in arms}
+    for seed in seeds:
+        for arm in arms:
+            manifests[arm][seed] = ({"round": 0, "arm": "student", "eval": done["student"], "teacher": None,
+                                     "seconds": 0} if arm == "student" else done[seed, arm])
     result = summarize(args, arms, seeds, manifests, drivers)
     result["minutes"] = round((time.time() - started) / 60, 2)
     atomic_write_json(root / "results.json", result)

@@ -14,9 +14,9 @@ import sys
 from dataclasses import fields
 
 import evidence
-from args import EvidenceArguments, device_list, flags_of, parse
+from args import EvidenceArguments, flags_of, parse
 from common import cli_main
-from rounds import driver_exits
+from stage_process import driver_exits
 from run_rounds import check_learning_rate, prepare_embedded
 
 
@@ -38,13 +38,8 @@ def main() -> None:
         if args.quick:
             apply_quick(args, argv)
         check_learning_rate(args, argv)
-        if args.exam_limit == 0:
-            args.exam_limit = None
-        if args.annotate_limit == 0:
-            args.annotate_limit = None
-        threads = args.threads or (1 if device_list(args.device) == [] else 0)
-        if threads:
-            os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # the stages inherit it
+        if args.threads:
+            os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))  # the stages inherit it
         prepare_embedded(args)
         evidence.run(args)
 

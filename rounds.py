@@ -13,141 +13,17 @@ training from the round r-1 checkpoint (with earlier rounds' data too if --keep_
 """
 from __future__ import annotations
 
-import ctypes
-import os
-import shlex
-import signal
-import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
-from typing import Iterator
 
 import infer
 import infer_student_wrong
 import teacher
 from args import ExamArguments, InferArguments, TeacherArguments, TrainArguments, to_argv
 from common import UserError, atomic_write_json, read_json
-
-
-class StageFailed(UserError):
-    """A stage exited non-zero. The driver exits 1 with this line: the stage's own `error:` line says why."""
-
-
-class Interrupted(Exception):
-    """SIGTERM, SIGINT or SIGHUP reached the driver (see `stop_on_signals`)."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-def stop_on_signals() -> None:
-    """Turn the stop signals into `Interrupted`, so `run_command` stops the running stage before the
-    driver exits (a stage lives in its own process group and would not see them otherwise)."""
-    def handler(signum, frame):
-        raise Interrupted(signum)
-
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, handler)
-
-
-@contextmanager
-def driver_exits() -> Iterator[None]:
-    """How the drivers (run_rounds.py, reproduce.py) end a run that stops partway, with one `error:` line:
-    a failed stage exits 1 (its own error line says why), a stop signal 128 + its number. Finished
-    stages are kept either way, so the same command continues."""
-    stop_on_signals()
-    try:
-        yield
-    except StageFailed as err:  # the stage's own failure, not bad input to the driver (exit 2)
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        sys.exit(1)
-    except Interrupted as err:
-        print(f"error: stopped by {err} (a running stage with it); finished stages are kept: re-run the same "
-              f"command to continue", file=sys.stderr, flush=True)
-        sys.exit(128 + err.signum)
-
-
-def _die_with_parent():
-    """Linux: the kernel sends the stage SIGTERM when the driver dies, even by SIGKILL (no handler runs then)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    return lambda: prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
-
-
-def _signal_group(process: subprocess.Popen, signum: int) -> None:
-    try:
-        os.killpg(process.pid, signum)
-    except (ProcessLookupError, PermissionError):
-        pass  # the group is gone
-
-
-def stop_stage(process: subprocess.Popen, grace: float = 5.0) -> None:
-    """SIGTERM the stage's process group (its torchrun workers too), SIGKILL whatever is left after
-    `grace` seconds or at a second signal."""
-    _signal_group(process, signal.SIGTERM)
-    try:
-        process.wait(grace)
-    except (subprocess.TimeoutExpired, Interrupted, KeyboardInterrupt):
-        pass
-    _signal_group(process, signal.SIGKILL)
-    process.wait()
-
-
-def _last_error_line(output: bytes) -> str | None:
-    lines = [line.strip() for line in output.decode("utf-8", errors="replace").replace("\r", "\n").splitlines()]
-    errors = [line for line in lines if line.startswith("error: ")]
-    return errors[-1][len("error: "):] if errors else None
-
-
-def run_command(argv: list[str], log: Path) -> None:
-    """Print the command, run it with output shown and kept in `log`; a failure stops the driver.
-
-    Bytes pass through unchanged so the stage's progress bars redraw in place. The stage runs in
-    its own process group, stopped with it if the driver is interrupted."""
-    line = "$ " + " ".join(shlex.quote(a) for a in argv)
-    print("\n" + line, flush=True)
-    log.parent.mkdir(parents=True, exist_ok=True)
-    tail = b""
-    with open(log, "wb") as sink:
-        sink.write((line + "\n").encode())  # the log's first line: the command that made the folder (command_of)
-        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-                                   preexec_fn=_die_with_parent())
-        try:
-            while chunk := process.stdout.read1(4096):
-                sys.stdout.buffer.write(chunk)
-                sys.stdout.flush()
-                sink.write(chunk)
-                tail = (tail + chunk)[-16384:]
-            process.wait()
-        except BaseException:
-            stop_stage(process)
-            raise
-        finally:
-            process.stdout.close()
-    if process.returncode != 0:
-        code = process.returncode
-        how = f"killed by {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals() else f"exit {code}"
-        reason = _last_error_line(tail)
-        raise StageFailed(f"stage {Path(argv[1]).name if len(argv) > 1 else argv[0]} failed ({how})"
-                          + (f": {reason}" if reason else "") + f"; its output is in {log}")
-
-
-def command_of(log: Path) -> str | None:
-    """The command a stage log was written by (run_command's first line), or None."""
-    try:
-        with open(log, "rb") as f:
-            first = f.readline().decode("utf-8", errors="replace").rstrip("\n")
-    except OSError:
-        return None
-    return first[2:] if first.startswith("$ ") else None
+from stage_process import run_command, run_jobs, say, stage_lock
 
 
 def merge_rationale_files(paths: list[str], out: Path) -> None:
@@ -207,29 +83,33 @@ class RoundDriver:
                             logging_steps=20, **extra)
 
     def evaluate(self, checkpoint: str, out: Path, split: str) -> dict:
-        if infer.read_result(out) is None:
-            run_command(self.eval_command(checkpoint, out, split), out / "log.txt")
-        return infer.read_result(out)
+        with stage_lock(out):
+            if infer.read_result(out) is None:
+                run_command(self.eval_command(checkpoint, out, split), out / "log.txt")
+            return infer.read_result(out)
 
     def evaluate_all(self, checkpoint: str, folder: Path) -> dict:
         return {split: self.evaluate(checkpoint, folder / f"eval_{split}", split) for split in self.splits}
 
     def exam(self, checkpoint: str, out: Path) -> dict:
-        if infer_student_wrong.read_summary(out) is None:
-            run_command(self.exam_command(checkpoint, out), out / "log.txt")
-        return infer_student_wrong.read_summary(out)
+        with stage_lock(out):
+            if infer_student_wrong.read_summary(out) is None:
+                run_command(self.exam_command(checkpoint, out), out / "log.txt")
+            return infer_student_wrong.read_summary(out)
 
     def teacher(self, mode: str, out: Path, student_wrong: str | None = None, **extra) -> dict:
-        if teacher.read_summary(out) is None:
-            run_command(self.teacher_command(mode, out, student_wrong, **extra), out / "log.txt")
-        return teacher.read_summary(out)
+        with stage_lock(out):
+            if teacher.read_summary(out) is None:
+                run_command(self.teacher_command(mode, out, student_wrong, **extra), out / "log.txt")
+            return teacher.read_summary(out)
 
     def train(self, start_checkpoint: str, teacher_data: str, negatives: str, out: Path, contrastive: bool,
               **extra) -> str:
         final = out / "final"
-        if not (final / "run_args.json").is_file():
-            run_command(self.train_command(start_checkpoint, teacher_data, negatives, out, contrastive, **extra),
-                        out / "log.txt")
+        with stage_lock(out):
+            if not (final / "run_args.json").is_file():
+                run_command(self.train_command(start_checkpoint, teacher_data, negatives, out, contrastive, **extra),
+                            out / "log.txt")
         return str(final)
 
     # ------------------------------------------------------------ rounds
@@ -254,7 +134,7 @@ class RoundDriver:
         """The teacher stage: round 1 annotates the train split once for every arm; later rounds ask
         for tailored feedback on this round's exam mistakes."""
         if r == 1:
-            return self.teacher("annotate", self.workdir / "round1" / "teacher")
+            return self.teacher("annotate", self.workdir / "round1" / "teacher", limit=self.args.annotate_limit)
         return self.teacher("feedback", self.round_dir(arm, r) / "teacher", exam["student_wrong"])
 
     def train_settings(self, arm: str, r: int) -> dict:
@@ -287,6 +167,17 @@ class RoundDriver:
         atomic_write_json(folder / "manifest.json", manifest)
         return manifest
 
+    def run_arm_rounds(self, arm: str) -> list[dict]:
+        """Every round of one arm, in order (rounds before --start_round from their manifests)."""
+        rows = []
+        for r in range(1, self.args.rounds + 1):
+            if r < self.args.start_round:
+                rows.append(read_json(self.round_dir(arm, r) / "manifest.json"))
+                continue
+            say(f"\n===== round {r}, arm {arm} =====")
+            rows.append(self.run_round(arm, r))
+        return rows
+
     def run(self) -> dict:
         a = self.args
         for r in range(1, a.start_round):  # before any work: a bad --start_round costs nothing
@@ -295,17 +186,17 @@ class RoundDriver:
                 if not manifest.is_file():
                     raise UserError(f"--start_round {a.start_round}: round {r} of arm {arm} has no {manifest}; "
                                     f"run it first")
-        student = {"round": 0, "arm": "student", "eval": self.evaluate_all(a.student, self.workdir / "round0"),
+        # Arms are independent once round 1's exam and teacher (shared, run by whichever arm comes first)
+        # exist: with --jobs 2 the first arm starts on them while the round-0 evaluations run beside it.
+        folder = self.workdir / "round0"
+        jobs = {("arm", self.arms[0]): (lambda: self.run_arm_rounds(self.arms[0]), ())}
+        jobs |= {("eval", split): (lambda split=split: self.evaluate(a.student, folder / f"eval_{split}", split), ())
+                 for split in self.splits}
+        jobs |= {("arm", arm): (lambda arm=arm: self.run_arm_rounds(arm), ()) for arm in self.arms[1:]}
+        done = run_jobs(jobs, a.jobs)
+        student = {"round": 0, "arm": "student", "eval": {split: done["eval", split] for split in self.splits},
                    "teacher": None, "exam": None}
-        rows: dict[str, list[dict]] = {arm: [] for arm in self.arms}
-        for r in range(1, a.rounds + 1):
-            for arm in self.arms:
-                if r < a.start_round:
-                    rows[arm].append(read_json(self.round_dir(arm, r) / "manifest.json"))
-                    continue
-                print(f"\n===== round {r}, arm {arm} =====", flush=True)
-                rows[arm].append(self.run_round(arm, r))
-        result = {"splits": self.splits, "student": student, "arms": rows}
+        result = {"splits": self.splits, "student": student, "arms": {arm: done["arm", arm] for arm in self.arms}}
         atomic_write_json(self.workdir / "rounds.json", result)
         print_table(result)
         plot(result, self.workdir / "rounds.png")

@@ -1,10 +1,13 @@
 """Run the tailored-learning loop: exam -> teacher -> training -> evaluation, for several rounds.
 
-    python run_rounds.py                      # the embedded demo: offline, CPU, ~15 min on 2 cores
+    python run_rounds.py                      # the embedded demo: offline, CPU (README: its time on 2 cores)
     python run_rounds.py --task gsm8k --student EleutherAI/gpt-j-6B --backend openai \
         --teacher_model gpt-3.5-turbo --device 0,1,2,3,4,5,6,7 --deepspeed ds_stage3_config.json \
-        --lr 7e-6 --train_bsz 2 --epoch 10 --fewshot yes --exam_limit 0 --workdir runs/gsm8k
-With the default embedded student and task it first prepares the data and builds the student.
+        --lr 7e-6 --train_bsz 2 --epoch 10 --fewshot yes --exam_limit 0 --annotate_limit 0 --eval_limit 0 \
+        --exam_batch 8 --eval_batch 32 --workdir runs/gsm8k
+With the default embedded student and task it first prepares the data and builds the student. The sizes
+(--annotate_limit, --exam_limit, --eval_limit) and batches default to the demo's; a real run sets them.
+On a CPU two stages run side by side (--jobs), each started in a fork of the driver (stage_process.py).
 """
 from __future__ import annotations
 
@@ -15,7 +18,8 @@ from pathlib import Path
 from args import RoundsArguments, parse
 from common import UserError, cli_main
 from tasks import PROMPT_FORMAT
-from rounds import RoundDriver, driver_exits, run_command
+from rounds import RoundDriver
+from stage_process import driver_exits, run_command
 
 EMBEDDED_TASKS = ("wordmath", "gsm_symbolic")
 EMBEDDED_STUDENT = "checkpoints/wordmath-student"
@@ -54,8 +58,6 @@ def main() -> None:
     with driver_exits():
         args = parse(RoundsArguments)
         check_learning_rate(args, sys.argv[1:])
-        if args.exam_limit == 0:
-            args.exam_limit = None
         prepare_embedded(args)
         RoundDriver(args).run()
 

@@ -610,6 +610,7 @@ def run_training(args) -> dict:
             raise UserError(f"--{name}: {path} not found")
     if args.deepspeed:
         distributed.ensure_single_process_env()
+        distributed.clear_stale_build_locks()  # its CPU optimizer op is built (or checked) under such a lock
         import deepspeed  # its own comm layer must know every rank before zero.Init sizes the batch
 
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
 # Run the test suite in the local virtual environment (created and filled on first use).
 . "$(dirname "$0")/env.sh"
-python -m pytest -q tests "$@"
+# one worker per core (pytest-xdist), a test file per worker at a time: module fixtures are built once
+python -m pytest -q -n auto --dist loadfile tests "$@"

@@ -240,7 +240,7 @@ def test_sample_num_is_written_for_limit_and_rounds_pass_num_return_sequences(tm
     assert to_argv(InferArguments, limit=6) == ["--sample_num", "6"]
     driver = RoundDriver(parse(RoundsArguments, ["--workdir", str(tmp_path), "--num_return_sequences", "3", "--bf16"]))
     exam = parse(ExamArguments, driver.exam_command("ck", tmp_path / "exam")[2:])
-    assert (exam.num_return_sequences, exam.limit) == (3, 600)
+    assert (exam.num_return_sequences, exam.limit) == (3, 200)
     evaluation = parse(InferArguments, driver.eval_command("ck", tmp_path / "eval", "test")[2:])
     assert (evaluation.fp16, evaluation.bf16) == (None, True)
     assert infer.inference_dtype(evaluation) == torch.bfloat16  # the driver's --bf16 meets the fp16 default

@@ -13,23 +13,22 @@ def driver_argv(student, data_dir, workdir, *extra):
             "--warmup_steps", "2", "--eval_limit", "12", *extra]
 
 
-def stage_scripts(stdout: str) -> list[str]:
-    return [line.split()[2] for line in stdout.splitlines() if line.startswith("$ ")]
-
-
 def test_two_rounds_end_to_end_then_resume_skips_everything(tiny_student, data_dir, tmp_path):
     workdir = tmp_path / "runs"
     result = run_script(*driver_argv(tiny_student, data_dir, workdir, "--arms", "reflect"), timeout=900)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
 
+    # --jobs 2 (the CPU default): round 0's evaluations run beside the arm, whose stages keep their order
     commands = [line for line in result.stdout.splitlines() if line.startswith("$ ")]
-    assert stage_scripts(result.stdout) == [
-        "infer.py", "infer.py",  # round 0 on validation and test
+    round0 = [c for c in commands if f"--checkpoint {tiny_student} " in c + " " and "infer.py" in c.split()[2]]
+    assert len(round0) == 2 and "--test_on validation" in round0[0] + round0[1] and "--test_on test" in round0[0] + round0[1]
+    chain = [c for c in commands if c not in round0]
+    assert [c.split()[2] for c in chain] == [
         "infer_student_wrong.py", "query_teacher.py", "run_trainer.py", "infer.py", "infer.py",  # round 1
         "infer_student_wrong.py", "query_teacher.py", "run_trainer.py", "infer.py", "infer.py"]  # round 2
-    assert "--test_on validation" in commands[0] and "--test_on test" in commands[1]
-    assert "--mode annotate" in commands[3] and "--mode feedback" in commands[8]
-    assert "--contrastive yes" in commands[4] and "--cl_neg_form gold" in commands[4]
+    assert "--mode annotate" in chain[1] and "--mode feedback" in chain[6]
+    assert "--contrastive yes" in chain[2] and "--cl_neg_form gold" in chain[2]
+    assert result.stdout.count("done in ") == len(commands)  # side by side: one line as each stage ends
 
     first = json.loads((workdir / "reflect" / "round1" / "manifest.json").read_text())
     second = json.loads((workdir / "reflect" / "round2" / "manifest.json").read_text())
@@ -51,7 +50,7 @@ def test_two_rounds_end_to_end_then_resume_skips_everything(tiny_student, data_d
     table = result.stdout[result.stdout.index("round  arm"):]
     assert len([line for line in table.splitlines() if line.strip()[:1].isdigit()]) == 3
 
-    again = run_script(*driver_argv(tiny_student, data_dir, workdir, "--arms", "reflect"), timeout=300)
+    again = run_script(*driver_argv(tiny_student, data_dir, workdir, "--arms", "reflect", "--jobs", "1"), timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     assert not [line for line in again.stdout.splitlines() if line.startswith("$ ")]  # every stage skipped
     assert json.loads((workdir / "rounds.json").read_text()) == rows
@@ -110,9 +109,15 @@ def test_stage_commands_parse_back_into_each_scripts_arguments(tmp_path):
     assert (default.lora_r, default.lora_alpha, default.lora_dropout, default.lora_targets) == (0, 16, 0.05, "auto")
     exam = parse(ExamArguments, driver.exam_command("ck", tmp_path / "exam")[2:])
     assert (exam.num_return_sequences, exam.limit, exam.max_new_tokens, exam.batch, exam.test_on, exam.rationale) == \
-        (4, 600, 160, 32, "train", True)
+        (4, 200, 160, 50, "train", True)
     evaluation = parse(InferArguments, driver.eval_command("ck", tmp_path / "eval", "validation")[2:])
-    assert (evaluation.test_on, evaluation.batch, evaluation.limit, evaluation.valid_size) == ("validation", 64, None, 7)
+    assert (evaluation.test_on, evaluation.batch, evaluation.limit, evaluation.valid_size) == ("validation", 200, 200, 7)
+    every = RoundDriver(parse(RoundsArguments, ["--workdir", str(tmp_path), "--eval_limit", "0", "--exam_limit", "0"]))
+    assert parse(InferArguments, every.eval_command("ck", tmp_path / "e", "test")[2:]).limit is None  # 0: every item
+    assert parse(ExamArguments, every.exam_command("ck", tmp_path / "x")[2:]).limit is None
+    annotate = parse(TeacherArguments, driver.teacher_command("annotate", tmp_path / "t", None,
+                                                              limit=driver.args.annotate_limit)[2:])
+    assert annotate.limit == 400
     teacher = parse(TeacherArguments, driver.teacher_command("feedback", tmp_path / "t", "w.json")[2:])
     assert (teacher.mode, teacher.student_wrong, teacher.num_samples, teacher.backend, teacher.seed) == \
         ("feedback", "w.json", 2, "offline", 5)

@@ -368,11 +368,14 @@ def test_round_driver_stops_when_the_teacher_is_dead(tmp_path):
 
 
 def child_pids(pid: int) -> list[int]:
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    try:
-        return [int(p) for p in path.read_text().split()]
-    except (FileNotFoundError, ProcessLookupError):
-        return []
+    """Children of every thread of `pid` (the driver starts side-by-side stages from worker threads)."""
+    children = []
+    for path in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            children += [int(p) for p in path.read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return children
 
 
 def alive(pid: int) -> bool:

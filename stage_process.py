@@ -102,9 +102,13 @@ def stop_stage(process: subprocess.Popen, grace: float = 5.0) -> None:
     process.wait()
 
 
+def _output_lines(output: bytes) -> list[str]:
+    """A stage's output as lines, progress-bar redraws (\r) split apart."""
+    return [line.strip() for line in output.decode("utf-8", errors="replace").replace("\r", "\n").splitlines()]
+
+
 def _last_error_line(output: bytes) -> str | None:
-    lines = [line.strip() for line in output.decode("utf-8", errors="replace").replace("\r", "\n").splitlines()]
-    errors = [line for line in lines if line.startswith("error: ")]
+    errors = [line for line in _output_lines(output) if line.startswith("error: ")]
     return errors[-1][len("error: "):] if errors else None
 
 
@@ -115,17 +119,13 @@ _running: set = set()         # stages running now: a driver that stops, stops t
 _folder_locks: dict[str, threading.Lock] = {}
 
 
-class _SideBySide:
-    workers = 1  # jobs running at once (run_jobs)
-
-
-_side_by_side = _SideBySide()
+_workers = 1                  # jobs running at once (run_jobs)
 
 
 def thread_share(running: int) -> int | None:
     """Torch threads for each of `running` stages side by side: the driver's threads (OMP_NUM_THREADS if set,
     else every core) split evenly. None: one job at a time, so a stage keeps torch's own default."""
-    if _side_by_side.workers <= 1:
+    if _workers <= 1:
         return None
     budget = os.environ.get("OMP_NUM_THREADS", "")
     budget = int(budget) if budget.isdigit() and int(budget) > 0 else (os.cpu_count() or 1)
@@ -166,9 +166,10 @@ def run_jobs(jobs: dict[Hashable, tuple[Callable[[], Any], tuple]], workers: int
     the cores as torch threads, re-shared as stages start and end (`_rebalance`)."""
     if workers <= 1 or len(jobs) <= 1:
         return {key: function() for key, (function, _) in jobs.items()}
+    global _workers
     if warm_stages_enabled():
         preload()  # before any thread starts: a fork never meets an import in progress
-    _side_by_side.workers = workers
+    _workers = workers
     results: dict[Hashable, Any] = {}
     pending, running = dict(jobs), {}
     pool = ThreadPoolExecutor(workers, thread_name_prefix="stage")
@@ -189,7 +190,7 @@ def run_jobs(jobs: dict[Hashable, tuple[Callable[[], Any], tuple]], workers: int
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-        _side_by_side.workers = 1
+        _workers = 1
     return results
 
 
@@ -205,7 +206,7 @@ def run_command(argv: list[str], log: Path) -> None:
     line = "$ " + " ".join(shlex.quote(a) for a in argv)
     say("\n" + line)
     log.parent.mkdir(parents=True, exist_ok=True)
-    tail, started, quiet = b"", time.time(), _side_by_side.workers > 1
+    tail, started, quiet = b"", time.time(), _workers > 1
     with open(log, "wb") as sink:
         sink.write((line + "\n").encode())  # the log's first line: the command that made the folder (command_of)
         with _console:
@@ -237,13 +238,14 @@ def run_command(argv: list[str], log: Path) -> None:
         raise StageFailed(f"stage {Path(argv[1]).name if len(argv) > 1 else argv[0]} failed ({how})"
                           + (f": {reason}" if reason else "") + f"; its output is in {log}")
     if quiet:
-        say(f"done in {time.time() - started:.0f}s: {log.parent}" + (f" ({_last_line(tail)})" if _last_line(tail) else ""))
+        summary = _last_line(tail)
+        say(f"done in {time.time() - started:.0f}s: {log.parent}" + (f" ({summary})" if summary else ""))
 
 
 def _last_line(output: bytes) -> str:
     """The stage's last line of output that is not a progress bar (its summary), shortened."""
-    lines = [line.strip() for line in output.decode("utf-8", errors="replace").replace("\r", "\n").splitlines()]
-    lines = [line for line in lines if line and "|" not in line and not line.startswith(("Loading", "Writing"))]
+    lines = [line for line in _output_lines(output)
+             if line and "|" not in line and not line.startswith(("Loading", "Writing"))]
     return lines[-1][:120] if lines else ""
 
 

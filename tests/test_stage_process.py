@@ -98,7 +98,7 @@ def test_side_by_side_stages_share_the_cores(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
     assert stage_process.thread_share(2) is None  # one job at a time: the library's default
-    monkeypatch.setattr(stage_process._side_by_side, "workers", 2)
+    monkeypatch.setattr(stage_process, "_workers", 2)
     assert [stage_process.thread_share(n) for n in (1, 2, 3)] == [8, 4, 2]
     monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the driver's own budget
     assert [stage_process.thread_share(n) for n in (1, 2, 3)] == [2, 1, 1]

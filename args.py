@@ -8,10 +8,11 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields
-from typing import ClassVar
+from typing import ClassVar, Literal, get_args, get_type_hints
 
 from transformers import HfArgumentParser
 
+from arms import DRIVER_ARMS, EVIDENCE_ARMS, check_arms
 from common import UserError
 
 
@@ -33,11 +34,19 @@ def parse(cls, argv: list[str] | None = None):
     return parsed
 
 
+def bounds_of(cls) -> dict[str, str]:
+    """The BOUNDS of the class and of every group it is composed of (each group bounds its own fields)."""
+    bounds: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        bounds |= vars(klass).get("BOUNDS", {})
+    return bounds
+
+
 def check_bounds(args) -> None:
-    """Each field named in the class's BOUNDS ({name: ">=1" | ">0" | ...}) holds a finite number in range
+    """Each field named in BOUNDS ({name: ">=1" | ">0" | ...}) holds a finite number in range
     (None is left alone: it means "not set"). Kept as a table so every script rejects nonsense the same way."""
     by_name = {f.name: f for f in fields(args)}
-    for name, bound in getattr(args, "BOUNDS", {}).items():
+    for name, bound in bounds_of(type(args)).items():
         value = getattr(args, name)
         if value is None:
             continue
@@ -47,6 +56,40 @@ def check_bounds(args) -> None:
         if not ok:
             flag = "/".join(flags_of(by_name[name]))
             raise UserError(f"{flag} must be a number {op} {bound.lstrip('<>=')}, got {value}")
+
+
+def choices_of(cls, name: str) -> tuple[str, ...] | None:
+    """The values a field typed `Literal[...]` allows (argparse offers them as choices), else None."""
+    hint = get_type_hints(cls)[name]
+    return get_args(hint) if getattr(hint, "__origin__", None) is Literal else None
+
+
+def check_choices(args) -> None:
+    """Literal-typed fields hold one of their values: argparse checks flags, this checks a dataclass built
+    directly (the round driver builds each stage's, to_argv)."""
+    for f in fields(args):
+        allowed = choices_of(type(args), f.name)
+        if allowed and getattr(args, f.name) not in allowed:
+            raise UserError(f"--{f.name} must be one of {', '.join(allowed)}, got {getattr(args, f.name)!r}")
+
+
+def script_defaults(**defaults):
+    """Class decorator in place of @dataclass: this script's own defaults for flags declared once in the groups
+    it is composed of, which keep their type, bounds and help. A value (default, note) adds why to the help."""
+    def build(cls):
+        declared = {f.name: f for base in cls.__mro__[1:] if hasattr(base, "__dataclass_fields__") for f in fields(base)}
+        annotations = cls.__dict__.get("__annotations__", {})
+        for name, value in defaults.items():
+            default, note = value if isinstance(value, tuple) else (value, "")
+            inherited = declared[name]
+            metadata = dict(inherited.metadata)
+            if note:
+                metadata["help"] = f"{metadata.get('help', '')} {note}".strip()
+            setattr(cls, name, field(default=default, metadata=metadata))
+            annotations[name] = inherited.type
+        cls.__annotations__ = annotations
+        return dataclass(cls)
+    return build
 
 
 def as_dict(args) -> dict:
@@ -108,27 +151,38 @@ def check_task(name: str) -> None:
 
 
 @dataclass
-class DataArguments:
-    """What the student is asked: task, splits, prompt format. Shared by every model-running script."""
+class TaskArguments:
+    """Which task and data: every script that reads a split."""
+    BOUNDS: ClassVar[dict] = {"valid_size": ">=0"}
     task: str = field(default="wordmath", metadata={"help": "Task name: gsm8k, svamp, multiarith, cqa, sqa, wordmath, gsm_symbolic."})
     data_dir: str = field(default="localdataset", metadata={"help": "Local datasets: <data_dir>/<task>/<split>.{jsonl,json,parquet} or a save_to_disk folder."})
     valid_size: int = field(default=0, metadata={"help": "Tasks without a validation split (the hub ones): hold out N train items "
                                                         "(a fixed draw) as 'validation', which train then leaves out. 0: train whole, as the original."})
-    fewshot: bool = field(default=False, metadata={"help": "Prepend few-shot demos to every prompt."})
-    fewshot_file: str | None = field(default=None, metadata={"help": "Demos file (.txt blocks separated by blank lines, or .json/.jsonl records)."})
-    rationale: bool = field(default=False, metadata={"help": "Rationale mode (Reasoning: ... Answer: ...) instead of answer-only."})
-    seed: int = field(default=42, metadata={"help": "Random seed (demo choice, sampling)."})
+    seed: int = field(default=42, metadata={"help": "Random seed (demo choice, data order, sampling, the offline teacher's phrasing)."})
 
 
 @dataclass
-class ModelArguments:
-    """Which model, where it runs, in what precision."""
+class DataArguments(TaskArguments):
+    """What the student is asked: task, splits, prompt format. Shared by every model-running script."""
+    fewshot: bool = field(default=False, metadata={"help": "Prepend few-shot demos to every prompt."})
+    fewshot_file: str | None = field(default=None, metadata={"help": "Demos file (.txt blocks separated by blank lines, or .json/.jsonl records)."})
+    rationale: bool = field(default=False, metadata={"help": "Rationale mode (Reasoning: ... Answer: ...) instead of answer-only."})
+
+
+@dataclass
+class DeviceArguments:
+    """Where models run and in what precision: every stage that runs one (and the round driver, for all of them)."""
+    device: str = field(default="cpu", metadata={"help": "'cpu' or GPU ids '0,1,...'; several ids run one process per id."})
+    bf16: bool = field(default=False, metadata={"help": "Load weights in bfloat16."})
+
+
+@dataclass
+class ModelArguments(DeviceArguments):
+    """Which model, and how it may be loaded."""
     load: str = field(default="checkpoints/wordmath-student",
                       metadata={"help": "Base model: a hub name (e.g. EleutherAI/gpt-j-6B) or a local folder."})
     checkpoint: str | None = field(default=None, metadata={"help": "Trained checkpoint folder; overrides --load when given."})
-    device: str = field(default="cpu", metadata={"help": "'cpu' or GPU ids '0,1,...'; several ids run one process per id."})
     fp16: bool = field(default=False, metadata={"help": "Load weights in float16 (GPU)."})
-    bf16: bool = field(default=False, metadata={"help": "Load weights in bfloat16."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the hub (off by default)."})
     allow_pickle: bool = field(default=False, metadata={"help": "Load a folder whose weights are a pickle (pytorch_model.bin, as the original "
                                                                "saved them). Unpickling can run code from the file: only for files you trust."})
@@ -139,35 +193,44 @@ class ModelArguments:
         return self.checkpoint or self.load
 
 
-# The original's evaluation and exam defaults (its InferArgs): rationale prompts, float16 weights on a GPU.
-_RATIONALE_HELP = "Rationale mode (Reasoning: ... Answer: ...) instead of answer-only (default yes, as the original)."
-_FP16_HELP = ("Load weights in float16. Unset: float16 on a GPU, as the original; float32 on a CPU, bfloat16 with "
-              "--bf16 (a note says so).")
-_DECODE_EOS_HELP = "yes: no special token (eos, pad) may be the first generated token, as the original's default; no: any token."
-_PREFIX_CACHE_HELP = ("yes: the tokens every prompt opens with (the few-shot demos) are run once and their KV cache reused for "
-                      "every batch; no: each row prefills its whole prompt. Same outputs, for timing comparisons.")
-
-
+# ---------------------------------------------------------------- generation (infer.py, infer_student_wrong.py)
 @dataclass
-class InferArguments(ModelArguments, DataArguments):
-    BOUNDS: ClassVar[dict] = {"batch": ">=1", "max_new_tokens": ">=1", "limit": ">=0", "valid_size": ">=0"}
-    rationale: bool = field(default=True, metadata={"help": _RATIONALE_HELP})
-    fp16: bool | None = field(default=None, metadata={"nargs": "?", "const": True, "help": _FP16_HELP})
-    test_on: str = field(default="test", metadata={"help": "Split to evaluate: test, train, validation."})
-    batch: int = field(default=32, metadata={"help": "Generation batch size per process."})
-    max_new_tokens: int | None = field(default=None, metadata={"help": "Default: the task's value (SPEC §6)."})
-    limit: int | None = field(default=None, metadata={"aliases": ["--sample_num"], "help": "Evaluate only the first N items "
+class GenerationArguments(ModelArguments, DataArguments):
+    """What evaluation and the exam share. The original's defaults (its InferArgs): rationale prompts, float16
+    weights on a GPU."""
+    BOUNDS: ClassVar[dict] = {"batch": ">=1", "max_new_tokens": ">=1", "limit": ">=0"}
+    rationale: bool = field(default=True, metadata={"help": "Rationale mode (Reasoning: ... Answer: ...) instead of answer-only "
+                                                            "(default yes, as the original)."})
+    fp16: bool | None = field(default=None, metadata={"nargs": "?", "const": True, "help": (
+        "Load weights in float16. Unset: float16 on a GPU, as the original; float32 on a CPU, bfloat16 with --bf16 (a note says so).")})
+    test_on: str = field(default="test", metadata={"help": "Split to run on: test, train, validation."})
+    batch: int = field(default=32, metadata={"help": "Prompts per generation batch per process (in the exam, each sampled "
+                                                     "--num_return_sequences times)."})
+    max_new_tokens: int | None = field(default=None, metadata={"help": "New tokens per answer. Default: the task's value (SPEC §6)."})
+    limit: int | None = field(default=None, metadata={"aliases": ["--sample_num"], "help": "Only the first N items "
                                                                                           "(--sample_num: the original's name)."})
-    decode_eos_token: bool = field(default=True, metadata={"help": _DECODE_EOS_HELP})
-    prefix_cache: bool = field(default=True, metadata={"help": _PREFIX_CACHE_HELP})
-    hint: bool = field(default=False, metadata={"help": "STaR rationalisation: evaluate only the questions --hint_filter_path marks wrong, "
-                                                        "each prompt block with a line naming its answer. Needs --fewshot and --rationale."})
-    hint_filter_path: str | None = field(default=None, metadata={"help": "With --hint: an Acc*.json of an earlier infer.py run on the same split."})
-    output_dir: str | None = field(default=None, metadata={"help": "Where Acc<acc>.json goes (default: the checkpoint folder/eval_<split>)."})
-    note: str = field(default="", metadata={"help": "Free text stored in the output file."})
+    decode_eos_token: bool = field(default=True, metadata={"help": "yes: no special token (eos, pad) may be the first generated "
+                                                                   "token, as the original's default; no: any token. The original's "
+                                                                   "exam ignored the flag and sampled any token: no restores that."})
+    prefix_cache: bool = field(default=True, metadata={"help": "yes: the tokens every prompt opens with (the few-shot demos) are run "
+                                                               "once and their KV cache reused for every batch; no: each row prefills "
+                                                               "its whole prompt. Same outputs, for timing comparisons."})
+    output_dir: str | None = field(default=None, metadata={"help": "Default: <checkpoint>/eval_<split> (infer.py), "
+                                                                   "<checkpoint>/exam_<split>_<note> (infer_student_wrong.py)."})
+    note: str = field(default="", metadata={"help": "Free text stored in the output; names the exam's default output folder."})
 
     def __post_init__(self):
         check_task(self.task)
+
+
+@dataclass
+class InferArguments(GenerationArguments):
+    hint: bool = field(default=False, metadata={"help": "STaR rationalisation: evaluate only the questions --hint_filter_path marks wrong, "
+                                                        "each prompt block with a line naming its answer. Needs --fewshot and --rationale."})
+    hint_filter_path: str | None = field(default=None, metadata={"help": "With --hint: an Acc*.json of an earlier infer.py run on the same split."})
+
+    def __post_init__(self):
+        super().__post_init__()
         if self.hint and not self.hint_filter_path:
             raise UserError("--hint needs --hint_filter_path (an Acc*.json whose wrong questions get hints)")
         if self.hint and not (self.fewshot and self.rationale):
@@ -177,34 +240,29 @@ class InferArguments(ModelArguments, DataArguments):
 
 
 @dataclass
-class ExamArguments(ModelArguments, DataArguments):
-    BOUNDS: ClassVar[dict] = {"batch": ">=1", "num_return_sequences": ">=1", "temperature": ">0", "top_k": ">=0",
-                              "max_new_tokens": ">=1", "limit": ">=0", "valid_size": ">=0"}
-    rationale: bool = field(default=True, metadata={"help": _RATIONALE_HELP})
-    fp16: bool | None = field(default=None, metadata={"nargs": "?", "const": True, "help": _FP16_HELP})
-    test_on: str = field(default="train", metadata={"help": "Split the student sits the exam on."})
-    batch: int = field(default=32, metadata={"help": "Prompts per generation batch per process (each sampled n times)."})
+class SamplesArguments:
+    """Samples per exam question (also the round driver's flag, passed on by name)."""
+    BOUNDS: ClassVar[dict] = {"num_return_sequences": ">=1"}
     num_return_sequences: int = field(default=4, metadata={"help": "Samples per question (the original's fixed 4)."})
+
+
+@script_defaults(test_on="train", max_new_tokens=128)
+class ExamArguments(GenerationArguments, SamplesArguments):
+    # not shared with the round driver: a `temperature` there would also reach the teacher's flag of that name
+    BOUNDS: ClassVar[dict] = {"temperature": ">0", "top_k": ">=0"}
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
     top_k: int = field(default=50, metadata={"help": "Top-k sampling."})
-    max_new_tokens: int = field(default=128, metadata={"help": "New tokens per sample."})
-    limit: int | None = field(default=None, metadata={"aliases": ["--sample_num"], "help": "Only the first N questions "
-                                                                                          "(--sample_num: the original's name)."})
-    decode_eos_token: bool = field(default=True, metadata={"help": _DECODE_EOS_HELP + " The original's exam ignored the flag "
-                                                                   "and sampled any token: no restores that."})
-    prefix_cache: bool = field(default=True, metadata={"help": _PREFIX_CACHE_HELP})
-    output_dir: str | None = field(default=None, metadata={"help": "Default: <checkpoint>/exam_<split>_<note>."})
-    note: str = field(default="", metadata={"help": "Free text, also names the default output folder."})
-
-    def __post_init__(self):
-        check_task(self.task)
-        if self.num_return_sequences < 1:
-            raise UserError(f"--num_return_sequences must be at least 1, got {self.num_return_sequences}")
 
 
+# ---------------------------------------------------------------- training (run_trainer.py)
 # The original's defaults where ours differ on purpose (its README passes every one of them explicitly).
 ORIGINAL_TRAIN_DEFAULTS = {"merge_losses": False, "weight_decay": 0.1, "learning_rate": 1e-6, "per_device_eval_batch_size": 4}
-ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
+AttnImplementation = Literal["auto", "sdpa", "eager", "flash_attention_2"]
+MleMode = Literal["weight", "hf", "nograd", "no"]
+ReprMode = Literal["last", "pool"]
+AnchorMode = Literal["detached", "full"]
+LmLossImpl = Literal["auto", "logits", "chunked", "liger"]
+NegForm = Literal["original", "gold", "own"]
 
 
 @dataclass
@@ -229,19 +287,67 @@ class LoraArguments:
 
 
 @dataclass
-class TrainArguments(ModelArguments, DataArguments, LoraArguments):
+class LossArguments:
+    """The training loss: these fields are `losses.LossConfig`'s (which checks them where they are used)."""
+    BOUNDS: ClassVar[dict] = {"mle_w": ">=0", "cl_p": ">=0", "cl_ratio": ">=0", "cl_beta": ">0", "cl_gamma": ">=0",
+                              "lm_loss_chunk": ">=1"}
+    mle: MleMode = field(default="weight", metadata={"help": "LM loss: weight (prompt tokens x mle_w), hf (plain mean), nograd "
+                                                             "(continuation only), no."})
+    mle_w: float = field(default=0.1, metadata={"help": "Weight of prompt tokens in --mle weight."})
+    contrastive: bool = field(default=False, metadata={"help": "Add the self-reflection triplet loss."})
+    cl_loss: str = field(default="triplet", metadata={"help": "Self-reflection loss (losses.CONTRAST_LOSSES): triplet, the original's; "
+                                                              "simpo or orpo: a reference-free preference of the teacher's rationale over "
+                                                              "the student's mistake, on their length-normalised log-probs."})
+    cl_ratio: float = field(default=0.5, metadata={"help": "Weight of the self-reflection loss."})
+    cl_p: float = field(default=1.0, metadata={"help": "Triplet margin."})
+    cl_repr: ReprMode = field(default="last", metadata={"help": "Sequence representation: last (last token) or pool (mean)."})
+    cl_anchor: AnchorMode = field(default="detached", metadata={"help": "detached: the anchor is re-read on the no-grad prompt, as the "
+                                                                        "original; full: read from the LM forward (cheaper; its triplet "
+                                                                        "gradient also reaches the prompt)."})
+    cl_clip: bool = field(default=False, metadata={"help": "Zero the self-reflection loss of a step when it is below the LM loss or "
+                                                           "below 0.01 (the original's flag)."})
+    lm_loss_impl: LmLossImpl = field(default="auto", metadata={"help": "How the LM loss reaches the vocabulary (same value): logits "
+                                                                       "(the model's full logits), chunked (the output head applied "
+                                                                       "--lm_loss_chunk positions at a time, recomputed in backward), "
+                                                                       "liger (liger-kernel's fused linear cross-entropy, if installed), "
+                                                                       "or auto: chunked on a GPU, logits on a CPU."})
+    lm_loss_chunk: int = field(default=4096, metadata={"help": "--lm_loss_impl chunked: target positions per chunk."})
+    cl_beta: float = field(default=2.0, metadata={"help": "--cl_loss simpo: beta, the scale of the log-prob difference (the SimPO paper's 2.0)."})
+    cl_gamma: float = field(default=1.0, metadata={"help": "--cl_loss simpo: gamma, the target margin (the SimPO paper's gamma / beta = 0.5)."})
+
+
+@dataclass
+class TrainRunArguments:
+    """How a training run goes: length, schedule, negatives, DeepSpeed (run_trainer.py, and the round driver for every round)."""
+    BOUNDS: ClassVar[dict] = {"num_train_epochs": ">=0", "per_device_train_batch_size": ">=1", "learning_rate": ">0",
+                              "warmup_steps": ">=0", "max_grad_norm": ">=0"}
+    num_train_epochs: float = field(default=10, metadata={"aliases": ["--epoch"], "help": "Training epochs."})
+    max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimizer steps (overrides --epoch when > 0)."})
+    per_device_train_batch_size: int = field(default=2, metadata={"aliases": ["--train_bsz"], "help": "Training batch size per process."})
+    learning_rate: float = field(default=7e-6, metadata={"aliases": ["--lr"], "help": "Peak learning rate."})
+    lr_scheduler_type: str = field(default="warmup_log", metadata={"help": "warmup_log: the original's (DeepSpeed WarmupLR's default: from 0 to the "
+                                                                           "peak as log(step+1)/log(warmup_steps), then constant); or a transformers "
+                                                                           "scheduler name, e.g. constant_with_warmup (linear warm-up)."})
+    warmup_steps: int = field(default=100, metadata={"help": "Warm-up steps."})
+    max_grad_norm: float = field(default=0.0, metadata={"help": "Gradient clipping norm; 0: no clipping, as the original's DeepSpeed config."})
+    cl_neg_form: NegForm = field(default="original", metadata={"help": "Negative continuations: original = the student's whole wrong text, "
+                                                                       "its answer line folded in, + the GOLD answer line (the original's "
+                                                                       "preprocessing); gold = its reasoning + the gold answer line; own = "
+                                                                       "its reasoning + its own answer line."})
+    deepspeed: str | None = field(default=None, metadata={"help": "DeepSpeed config, e.g. ds_stage3_config.json (ZeRO-3)."})
+
+
+@dataclass
+class TrainArguments(ModelArguments, DataArguments, LoraArguments, LossArguments, TrainRunArguments):
     """Flags of the original README's training command, with its defaults (SPEC §5).
 
     Fields named like a `transformers.TrainingArguments` field are handed to it as they are
     (trainer.training_arguments); the original's short flags (--lr, --epoch, --train_bsz, ...) are
     aliases of those names."""
     BOUNDS: ClassVar[dict] = {
-        "per_device_train_batch_size": ">=1", "per_device_eval_batch_size": ">=1", "gradient_accumulation_steps": ">=1",
-        "learning_rate": ">0", "weight_decay": ">=0", "warmup_steps": ">=0", "max_grad_norm": ">=0", "max_length": ">=2",
-        "cl_pos_num": ">=1", "cl_neg_num": ">=1", "cl_p": ">=0", "cl_ratio": ">=0", "mle_w": ">=0", "eval_limit": ">=0",
-        "save_best": ">=0", "save_steps": ">0", "logging_steps": ">=1", "world_size": ">=0", "rank_offset": ">=0",
-        "valid_size": ">=0", "num_train_epochs": ">=0", "cl_beta": ">0", "cl_gamma": ">=0", "lm_loss_chunk": ">=1",
-        "pad_to_multiple_of": ">=0", **LoraArguments.BOUNDS}
+        "per_device_eval_batch_size": ">=1", "gradient_accumulation_steps": ">=1", "weight_decay": ">=0", "max_length": ">=2",
+        "cl_pos_num": ">=1", "cl_neg_num": ">=1", "eval_limit": ">=0", "save_best": ">=0", "save_steps": ">0",
+        "logging_steps": ">=1", "world_size": ">=0", "rank_offset": ">=0", "pad_to_multiple_of": ">=0"}
     teacher_data: str | None = field(default=None, metadata={"help": "Teacher rationales {question: [rationale, ...]}; without it: answer-only training on gold answers."})
     teacher_data_random: str = field(default="1.0", metadata={"help": "P in [0, 1]: keep each teacher rationale with probability P (the original's; "
                                                                      "1.0 keeps all), or 'one': one seeded pick per question (the others stay positives)."})
@@ -249,42 +355,15 @@ class TrainArguments(ModelArguments, DataArguments, LoraArguments):
                                                                "answer is not gold, negatives whose answer is. Off: the files are used as given, as the original."})
     train_on: str = field(default="train", metadata={"help": "Split to train on."})
     test_on: str = field(default="test", metadata={"help": "Split --do_eval falls back to when the task has no validation split."})
-    num_train_epochs: float = field(default=10, metadata={"aliases": ["--epoch"], "help": "Training epochs."})
-    max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimizer steps (overrides --epoch when > 0)."})
-    per_device_train_batch_size: int = field(default=2, metadata={"aliases": ["--train_bsz"], "help": "Training batch size per process."})
     per_device_eval_batch_size: int = field(default=16, metadata={"aliases": ["--eval_bsz"], "help": "Generation batch size of the per-epoch evaluation."})
     gradient_accumulation_steps: int = field(default=1, metadata={"aliases": ["--grad_accum"], "help": "Gradient accumulation steps."})
-    learning_rate: float = field(default=7e-6, metadata={"aliases": ["--lr"], "help": "Peak learning rate."})
-    lr_scheduler_type: str = field(default="warmup_log", metadata={"help": "warmup_log: the original's (DeepSpeed WarmupLR's default: from 0 to the "
-                                                                           "peak as log(step+1)/log(warmup_steps), then constant); or a transformers "
-                                                                           "scheduler name, e.g. constant_with_warmup (linear warm-up)."})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
-    warmup_steps: int = field(default=100, metadata={"help": "Warm-up steps."})
-    max_grad_norm: float = field(default=0.0, metadata={"help": "Gradient clipping norm; 0: no clipping, as the original's DeepSpeed config."})
     max_length: int = field(default=1024, metadata={"help": "Longest training sequence in tokens (prompt truncated from the left)."})
-    deepspeed: str | None = field(default=None, metadata={"help": "DeepSpeed config, e.g. ds_stage3_config.json (ZeRO-3)."})
-    contrastive: bool = field(default=False, metadata={"help": "Add the self-reflection triplet loss."})
     cl_pos_path: str | None = field(default=None, metadata={"help": "Positives: teacher rationales {question: [...]}."})
     cl_neg_path: str | None = field(default=None, metadata={"help": "Negatives: the student's wrong rationales {question: [...]}."})
     cl_pos_num: int = field(default=10, metadata={"help": "At most this many positives per question."})
     cl_neg_num: int = field(default=4, metadata={"help": "At most this many negatives per question."})
-    cl_loss: str = field(default="triplet", metadata={"help": "Self-reflection loss (losses.CONTRAST_LOSSES): triplet, the original's; simpo or "
-                                                                  "orpo: a reference-free preference of the teacher's rationale over the student's "
-                                                                  "mistake, on their length-normalised log-probs."})
-    cl_beta: float = field(default=2.0, metadata={"help": "--cl_loss simpo: beta, the scale of the log-prob difference (the SimPO paper's 2.0)."})
-    cl_gamma: float = field(default=1.0, metadata={"help": "--cl_loss simpo: gamma, the target margin (the SimPO paper's gamma / beta = 0.5)."})
-    cl_p: float = field(default=1.0, metadata={"help": "Triplet margin."})
-    cl_ratio: float = field(default=0.5, metadata={"help": "Weight of the self-reflection loss."})
-    cl_repr: str = field(default="last", metadata={"help": "Sequence representation: last (last token) or pool (mean)."})
-    cl_clip: bool = field(default=False, metadata={"help": "Zero the self-reflection loss of a step when it is below the LM loss or below 0.01 (the original's flag)."})
-    cl_anchor: str = field(default="detached", metadata={"help": "detached: the anchor is re-read on the no-grad prompt, as the original; "
-                                                                 "full: read from the LM forward (cheaper; its triplet gradient also reaches the prompt)."})
-    cl_neg_form: str = field(default="original", metadata={"help": "Negative continuations: original = the student's whole wrong text, its answer "
-                                                                   "line folded in, + the GOLD answer line (the original's preprocessing); gold = its "
-                                                                   "reasoning + the gold answer line; own = its reasoning + its own answer line."})
     merge_losses: bool = field(default=True, metadata={"help": "One backward pass on LM + triplet loss (no: two passes, lower peak memory)."})
-    mle: str = field(default="weight", metadata={"help": "LM loss: weight (prompt tokens x mle_w), hf (plain mean), nograd (continuation only), no."})
-    mle_w: float = field(default=0.1, metadata={"help": "Weight of prompt tokens in --mle weight."})
     do_eval: bool = field(default=False, metadata={"help": "Accuracy by generation after every epoch."})
     do_first_eval: bool = field(default=False, metadata={"help": "With --do_eval: also evaluate the starting model before the first step."})
     eval_split: str | None = field(default=None, metadata={"aliases": ["--valid_on"], "help": "Split evaluated by --do_eval and ranked by --save_best. Default: validation "
@@ -305,15 +384,10 @@ class TrainArguments(ModelArguments, DataArguments, LoraArguments):
     logging_steps: int = field(default=10, metadata={"help": "Log every N steps (TensorBoard under <output_dir>/runs)."})
     wandb: bool = field(default=False, metadata={"help": "Also log to Weights & Biases."})
     # Throughput switches (bench/RESULTS.md, "GPU step benchmark"). The defaults keep CPU runs' values as they were.
-    attn_implementation: str = field(default="auto", metadata={"help": "Attention kernel: auto (sdpa where the architecture supports it, "
+    attn_implementation: AttnImplementation = field(default="auto", metadata={"help": "Attention kernel: auto (sdpa where the architecture supports it, "
                                                                        "else eager, with a note), sdpa, eager, or flash_attention_2 (needs flash-attn)."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute each decoder layer's activations in backward "
                                                                           "(every forward of the shared step, the cached ones included): less memory, ~1/3 more compute."})
-    lm_loss_impl: str = field(default="auto", metadata={"help": "How the LM loss reaches the vocabulary (same value): logits (the model's full logits), "
-                                                                "chunked (the output head applied --lm_loss_chunk positions at a time, recomputed "
-                                                                "in backward), liger (liger-kernel's fused linear cross-entropy, if installed), or "
-                                                                "auto: chunked on a GPU, logits on a CPU."})
-    lm_loss_chunk: int = field(default=4096, metadata={"help": "--lm_loss_impl chunked: target positions per chunk."})
     torch_compile: bool = field(default=False, metadata={"help": "torch.compile each decoder layer (shapes bucketed by --pad_to_multiple_of)."})
     pad_to_multiple_of: int = field(default=0, metadata={"help": "Pad every batch's prompt, continuation and positive/negative widths up to "
                                                                  "a multiple of N (masked: same values), so compiled kernels see few shapes. "
@@ -329,8 +403,6 @@ class TrainArguments(ModelArguments, DataArguments, LoraArguments):
         check_task(self.task)
         if self.contrastive and not (self.cl_pos_path and self.cl_neg_path):
             raise UserError("--contrastive yes needs both --cl_pos_path and --cl_neg_path")
-        if self.cl_neg_form not in ("original", "gold", "own"):
-            raise UserError(f"--cl_neg_form must be original, gold or own, got {self.cl_neg_form!r}")
         if self.save_best > 0 and not self.do_eval:
             raise UserError("--save_best K > 0 ranks checkpoints by accuracy: it needs --do_eval yes")
         if self.per_device_train_batch_size < 1 or self.gradient_accumulation_steps < 1:
@@ -348,8 +420,7 @@ class TrainArguments(ModelArguments, DataArguments, LoraArguments):
             raise UserError("--do_first_eval evaluates before training: it needs --do_eval yes")
         if self.max_grad_norm < 0:
             raise UserError(f"--max_grad_norm must be >= 0 (0: no clipping), got {self.max_grad_norm}")
-        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
-            raise UserError(f"--attn_implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, got {self.attn_implementation!r}")
+        check_choices(self)
         if self.optim != "auto" and self.optim not in optimizer_names():
             raise UserError(f"--optim: unknown optimizer {self.optim!r} (e.g. auto, adamw_torch_fused, adamw_torch)")
         if self.bf16_weights and (self.deepspeed or self.fp16):
@@ -372,67 +443,69 @@ class TrainArguments(ModelArguments, DataArguments, LoraArguments):
         return self.resume_path is not None or self.resume.lower() in ("yes", "true", "1")
 
 
+# ---------------------------------------------------------------- the teacher (query_teacher.py, teacher.run_collection)
 @dataclass
-class RoundsArguments(LoraArguments):
+class TeacherServerArguments:
+    """Which teacher answers, and the limits on asking it (query_teacher.py, and the round driver for every teacher stage)."""
+    BOUNDS: ClassVar[dict] = {"max_cost": ">0", "max_consecutive_failures": ">=0"}
+    backend: Literal["openai", "offline"] = field(default="openai", metadata={"help": "openai: any OpenAI-compatible server (key from "
+                                                                                      "env OPENAI_API_KEY); offline: built from gold "
+                                                                                      "rationales (embedded tasks)."})
+    teacher_model: str = field(default="gpt-3.5-turbo", metadata={"help": "Model name sent to the server."})
+    base_url: str | None = field(default=None, metadata={"help": "OpenAI-compatible endpoint, e.g. "
+                                                                 "http://127.0.0.1:8000/v1 (default: OpenAI / env OPENAI_BASE_URL)."})
+    max_cost: float | None = field(default=None, metadata={"help": "Stop cleanly before a teacher stage's spend (USD) would pass this."})
+    max_consecutive_failures: int = field(default=5, metadata={"help": "Stop the stage (exit 1, replies so far kept; the round "
+                                                                       "driver stops with it) after this many failed connection "
+                                                                       "attempts in a row (refused, DNS, timeout) with no answer "
+                                                                       "from the server between: a teacher that is down. 0: never."})
+
+    def check_server(self) -> None:
+        if self.base_url:  # with the flags: before any stage that comes before the teacher
+            from teacher_backends import check_base_url  # the teacher's own modules stay out of the others' imports
+            check_base_url(self.base_url)
+
+
+# ---------------------------------------------------------------- the drivers (run_rounds.py, reproduce.py)
+@script_defaults(valid_size=(500, "The round driver's default: every stage holds out the same 500."),
+                 bf16=(False, "Every stage (training, exam, evaluation)."),
+                 backend=("offline", "The demo's default."),
+                 num_train_epochs=(1, "Per round."),
+                 per_device_train_batch_size=16,
+                 learning_rate=(2e-4, "2e-4 was best on wordmath validation for the embedded student (of 2e-4, 5e-4, "
+                                      "1e-3); GPT-J-6B used 7e-6."),
+                 warmup_steps=20,
+                 lr_scheduler_type=("constant_with_warmup", "The rounds' default: linear warm-up, then constant."),
+                 max_grad_norm=(1.0, "The rounds clip at 1.0."),
+                 cl_p=(0.1, "The original's 1.0 cost 14 points of wordmath validation accuracy against the lm arm; 0.1 "
+                            "was the least harmful (experiments/RESULTS.md)."),
+                 cl_neg_form=("gold", "The rounds use gold, the form the controlled runs measured."))
+class RoundsArguments(DataArguments, DeviceArguments, LoraArguments, LossArguments, TrainRunArguments,
+                      SamplesArguments, TeacherServerArguments):
     """The round driver. Defaults run the embedded demo: wordmath, the offline teacher, a tiny student, CPU.
 
-    A field named like a field of a stage's arguments (InferArguments, ExamArguments, TeacherArguments,
-    TrainArguments) is passed to that stage under that name (rounds.RoundDriver.command)."""
-    BOUNDS: ClassVar[dict] = {
-        "teacher_samples": ">=1", "max_cost": ">0", "exam_limit": ">=0", "exam_batch": ">=1", "num_return_sequences": ">=1",
-        "exam_max_new_tokens": ">=1", "num_train_epochs": ">=0", "per_device_train_batch_size": ">=1",
-        "learning_rate": ">0", "warmup_steps": ">=0", "max_grad_norm": ">=0", "cl_ratio": ">=0", "cl_p": ">=0",
-        "valid_size": ">=0", "eval_limit": ">=0", "eval_batch": ">=1", "warm_steps": ">=0",
-        "max_consecutive_failures": ">=0", "jobs": ">=1", "annotate_limit": ">=0", **LoraArguments.BOUNDS}
-    task: str = field(default="wordmath", metadata={"help": "Task (see tasks.py)."})
-    data_dir: str = field(default="localdataset", metadata={"help": "Dataset root."})
+    The flags it shares with a stage (they are declared once, in the groups above) are passed to that stage
+    under their names (rounds.RoundDriver.command); the arms set --contrastive."""
+    BOUNDS: ClassVar[dict] = {"teacher_samples": ">=1", "exam_limit": ">=0", "exam_batch": ">=1", "exam_max_new_tokens": ">=1",
+                              "eval_limit": ">=0", "eval_batch": ">=1", "warm_steps": ">=0", "jobs": ">=1",
+                              "annotate_limit": ">=0"}
     student: str = field(default="checkpoints/wordmath-student", metadata={"help": "Round-0 student (hub name or folder). The embedded one is built if missing."})
     workdir: str = field(default="runs/demo", metadata={"help": "One folder per round inside, plus rounds.json and rounds.png."})
     rounds: int = field(default=2, metadata={"help": "Number of rounds."})
     start_round: int = field(default=1, metadata={"help": "Skip rounds before this one (their manifests must exist)."})
-    device: str = field(default="cpu", metadata={"help": "Passed to every stage: cpu or GPU ids 0,1,..."})
-    fewshot: bool = field(default=False, metadata={"help": "Few-shot demos in every prompt."})
-    seed: int = field(default=42, metadata={"help": "Seed of every stage."})
-    backend: str = field(default="offline", metadata={"help": "Teacher backend: offline (embedded tasks) or openai."})
-    teacher_model: str = field(default="gpt-3.5-turbo", metadata={"help": "Teacher model for the openai backend."})
-    base_url: str | None = field(default=None, metadata={"help": "OpenAI-compatible server URL (key from OPENAI_API_KEY)."})
     teacher_samples: int = field(default=2, metadata={"help": "Rationales per teacher request."})
-    max_cost: float | None = field(default=None, metadata={"help": "Teacher spend limit (USD) per stage."})
-    max_consecutive_failures: int = field(default=5, metadata={"help": "Teacher stage: stop (and with it the driver) "
-                                                                       "after this many failed connection attempts in a "
-                                                                       "row with no answer between. 0: never."})
     keep_previous_data: bool = field(default=True, metadata={"help": "Round r >= 2 also trains on the earlier rounds' teacher data and negatives."})
     exam_limit: int | None = field(default=200, metadata={"help": "Exam only the first N train questions (0: all)."})
     annotate_limit: int | None = field(default=400, metadata={"help": "Round 1's teacher annotates only the first N train questions "
                                                                       "(0: all): round 1's training data."})
     exam_batch: int = field(default=50, metadata={"help": "Exam prompts per batch (each sampled --num_return_sequences times). "
                                                                    "The default suits the 0.9M student on a CPU; a large model needs far fewer."})
-    num_return_sequences: int = field(default=4, metadata={"help": "Exam samples per question."})
     exam_max_new_tokens: int = field(default=160, metadata={"help": "Exam tokens per sample."})
-    num_train_epochs: float = field(default=1, metadata={"aliases": ["--epoch"], "help": "Training epochs per round."})
-    max_steps: int = field(default=-1, metadata={"help": "Cap on training steps per round."})
-    per_device_train_batch_size: int = field(default=16, metadata={"aliases": ["--train_bsz"], "help": "Training batch size per process."})
-    learning_rate: float = field(default=2e-4, metadata={"aliases": ["--lr"], "help": "Learning rate. 2e-4 was best on wordmath validation "
-                                                                                     "for the embedded student (of 2e-4, 5e-4, 1e-3); GPT-J-6B used 7e-6."})
-    warmup_steps: int = field(default=20, metadata={"help": "Warm-up steps."})
-    lr_scheduler_type: str = field(default="constant_with_warmup", metadata={"help": "Schedule of every round (linear warm-up, then constant; "
-                                                                                   "run_trainer.py's default is the original's log warm-up, warmup_log)."})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping of every round (run_trainer.py's default 0 is the original's: none)."})
-    arms: str = field(default="lm,reflect", metadata={"help": "Comma list of arms trained side by side: reflect (LM + self-reflection "
-                                                               "triplet loss: the method), lm (LM loss only: the control). One arm halves the cost."})
-    cl_ratio: float = field(default=0.5, metadata={"help": "Weight of the triplet loss (arm reflect)."})
-    cl_p: float = field(default=0.1, metadata={"help": "Triplet margin (arm reflect). The original's 1.0 cost 14 points of wordmath validation "
-                                                      "accuracy against the lm arm; 0.1 was the least harmful (experiments/RESULTS.md)."})
-    cl_neg_form: str = field(default="gold", metadata={"help": "Negatives (see run_trainer.py --help): gold (reasoning + gold answer line, "
-                                                               "the form the controlled runs measured), original, or own."})
-    cl_clip: bool = field(default=False, metadata={"help": "Zero the self-reflection loss of a step when it is below the LM loss or below 0.01 (the original's flag)."})
-    cl_anchor: str = field(default="detached", metadata={"help": "Anchor: detached (re-read on the no-grad prompt, the original) or full (from the LM forward)."})
-    bf16: bool = field(default=False, metadata={"help": "bf16 weights in every stage (training, exam, evaluation)."})
-    deepspeed: str | None = field(default=None, metadata={"help": "DeepSpeed config for training, e.g. ds_stage3_config.json."})
+    arms: str = field(default=",".join(DRIVER_ARMS), metadata={"help": "Comma list of arms trained side by side: "
+                                                                    + "; ".join(f"{name} ({arm.describe})" for name, arm in DRIVER_ARMS.items())
+                                                                    + ". One arm halves the cost."})
     eval_splits: str = field(default="validation,test", metadata={"help": "Splits evaluated after each round (choose settings on "
                                                                         "validation; test is for the reported number)."})
-    valid_size: int = field(default=500, metadata={"help": "Hub tasks (no validation split): N train items held out as validation "
-                                                         "by every stage (embedded tasks have their own)."})
     eval_limit: int | None = field(default=200, metadata={"help": "Evaluate only the first N items of each split (0: all)."})
     eval_batch: int = field(default=200, metadata={"help": "Evaluation batch size. The default suits the 0.9M student on a CPU; a large "
                                                             "model needs far fewer."})
@@ -444,6 +517,10 @@ class RoundsArguments(LoraArguments):
 
     def __post_init__(self):
         check_task(self.task)
+        check_choices(self)
+        if self.contrastive:
+            raise UserError("--contrastive: the arms set it (--arms: " + ", ".join(
+                f"{name} {'with' if arm.contrastive else 'without'} it" for name, arm in DRIVER_ARMS.items()) + ")")
         if self.jobs is None:
             self.jobs = 2 if self.device.strip().lower() == "cpu" and (os.cpu_count() or 1) >= 2 else 1
         self.exam_limit = self.exam_limit or None  # 0: every question
@@ -451,25 +528,15 @@ class RoundsArguments(LoraArguments):
         self.eval_limit = self.eval_limit or None
         if self.rounds < 1 or not 1 <= self.start_round <= self.rounds:
             raise UserError("--rounds must be >= 1 and --start_round within 1..rounds")
-        if self.backend not in ("offline", "openai"):
-            raise UserError(f"--backend must be offline or openai, got {self.backend!r}")
-        self.check_arms(("lm", "reflect"))
+        self.check_arms()
         splits = self.eval_splits.split(",")
         if not all(splits) or len(set(splits)) != len(splits):
             raise UserError(f"--eval_splits: expected a comma list of split names, got {self.eval_splits!r}")
         self.check_lora()
-        if self.base_url:  # before round 0's evaluation, not when the teacher stage comes
-            from teacher_backends import check_base_url
-            check_base_url(self.base_url)
+        self.check_server()
 
-    def check_arms(self, known: tuple[str, ...]) -> None:
-        arms = self.arms.split(",")
-        if not arms or any(arm not in known for arm in arms) or len(set(arms)) != len(arms):
-            raise UserError(f"--arms: expected a comma list of {', '.join(known)}, got {self.arms!r}")
-
-
-EVIDENCE_ARMS = ("student", "std-cot", "+reflect", "+prefer", "tailored", "tailored-no-reflect", "untailored",
-                 "more-epochs")
+    def check_arms(self) -> None:
+        check_arms(self.arms, DRIVER_ARMS)
 
 
 @dataclass
@@ -477,8 +544,7 @@ class EvidenceArguments(RoundsArguments):
     """reproduce.py: the round driver's flags, passed to the stages the same way, and the harness's own.
     The defaults fit the embedded wordmath run of 3 seeds x all arms in 60 min on 2 CPU cores
     (evidence.py's docstring has the arithmetic); --quick is the small end-to-end check."""
-    BOUNDS: ClassVar[dict] = {**RoundsArguments.BOUNDS, "seeds": ">=1", "bootstrap": ">=1", "prefer_beta": ">0",
-                              "prefer_gamma": ">=0", "threads": ">=0"}
+    BOUNDS: ClassVar[dict] = {"seeds": ">=1", "bootstrap": ">=1", "prefer_beta": ">0", "prefer_gamma": ">=0", "threads": ">=0"}
     workdir: str = field(default="runs/evidence", metadata={"help": "round0/ (the shared round-0 student), seed<s>/ (one round-driver "
                                                                     "folder per seed), results.json, evidence.png. --quick: runs/evidence_quick."})
     arms: str = field(default=",".join(EVIDENCE_ARMS), metadata={"help": "Comma list of arms (the arms they build on run too): "
@@ -493,26 +559,19 @@ class EvidenceArguments(RoundsArguments):
                                                     "offline teacher's phrasing and the untailored draw. The round-0 student is shared."})
     quick: bool = field(default=False, metadata={"help": "The small end-to-end check (1 seed, small splits, few steps; evidence.QUICK); "
                                                          "flags given on the command line still win."})
-    prefer_loss: str = field(default="simpo", metadata={"help": "Arm +prefer: the preference loss (run_trainer.py --cl_loss).",
-                                                        "choices": ["simpo", "orpo"]})
+    prefer_loss: Literal["simpo", "orpo"] = field(default="simpo", metadata={"help": "Arm +prefer: the preference loss "
+                                                                                     "(run_trainer.py --cl_loss)."})
     prefer_beta: float = field(default=2.0, metadata={"help": "Arm +prefer with simpo: beta (--cl_beta)."})
     prefer_gamma: float = field(default=1.0, metadata={"help": "Arm +prefer with simpo: gamma (--cl_gamma)."})
-    prefer_neg_form: str = field(default="own", metadata={"help": "Arm +prefer: the rejected text (--cl_neg_form); own: the student's "
+    prefer_neg_form: NegForm = field(default="own", metadata={"help": "Arm +prefer: the rejected text (--cl_neg_form); own: the student's "
                                                                   "mistake as it wrote it, its wrong answer line included."})
     bootstrap: int = field(default=2000, metadata={"help": "Bootstrap resamples of the paired intervals."})
     threads: int = field(default=0, metadata={"help": "torch CPU threads for the stages (OMP_NUM_THREADS, unless already set); stages "
                                                       "running side by side (--jobs) split them evenly, since two stages of two threads "
                                                       "each on 2 cores ran 4-9x slower. 0: every core."})
 
-    def __post_init__(self):
-        super().__post_init__()
-        if self.prefer_neg_form not in ("original", "gold", "own"):
-            raise UserError(f"--prefer_neg_form must be original, gold or own, got {self.prefer_neg_form!r}")
-        if self.prefer_loss not in ("simpo", "orpo"):
-            raise UserError(f"--prefer_loss must be simpo or orpo, got {self.prefer_loss!r}")
-
-    def check_arms(self, known: tuple[str, ...]) -> None:
-        super().check_arms(EVIDENCE_ARMS)
+    def check_arms(self) -> None:
+        check_arms(self.arms, EVIDENCE_ARMS)
 
 
 @dataclass
@@ -551,21 +610,17 @@ class PretrainedStudentArguments:
     force: bool = field(default=False, metadata={"help": "Rebuild even if --out already holds it."})
 
 
-# ---------------------------------------------------------------- teacher (query_teacher.py, teacher.run_collection)
 @dataclass
-class TeacherArguments:
+class TeacherArguments(TaskArguments, TeacherServerArguments):
     BOUNDS: ClassVar[dict] = {
         "num_samples": ">=1", "temperature": ">=0", "max_tokens": ">=1", "concurrency": ">=1", "request_timeout": ">0",
-        "max_retries": ">=0", "backoff_base": ">=0", "max_consecutive_failures": ">=0", "max_requests": ">=1",
-        "max_cost": ">0", "prompt_price_per_1m": ">=0", "completion_price_per_1m": ">=0", "est_completion_tokens": ">=1",
-        "offline_error_rate": ">=0", "limit": ">=1", "max_wrong_per_question": ">=1", "valid_size": ">=0", "random_questions": ">=1"}
-    mode: str = field(default="annotate", metadata={"help": "annotate: rationales for a whole split; feedback: "
-                                                            "tailored rationales for the student's mistakes.",
-                                                    "choices": ["annotate", "feedback"]})
-    task: str = field(default="wordmath", metadata={"help": "Task name (see tasks.py)."})
-    data_dir: str = field(default="localdataset", metadata={"help": "Local datasets folder (as for the other scripts)."})
+        "max_retries": ">=0", "backoff_base": ">=0", "max_requests": ">=1",
+        "prompt_price_per_1m": ">=0", "completion_price_per_1m": ">=0", "est_completion_tokens": ">=1",
+        "offline_error_rate": ">=0", "limit": ">=1", "max_wrong_per_question": ">=1", "random_questions": ">=1"}
+    mode: Literal["annotate", "feedback"] = field(default="annotate", metadata={"help": "annotate: rationales for a whole split; "
+                                                                                       "feedback: tailored rationales for the "
+                                                                                       "student's mistakes."})
     test_on: str = field(default="train", metadata={"help": "Split whose questions go to the teacher."})
-    valid_size: int = field(default=0, metadata={"help": "As for the other scripts: N train items held out as validation (hub tasks)."})
     limit: int | None = field(default=None, metadata={"help": "Only the first N questions of the split."})
     random_questions: int | None = field(default=None, metadata={"help": "annotate mode: only N questions drawn at random "
                                                                           "(seeded by --seed) from the split (after --limit), asked "
@@ -579,12 +634,6 @@ class TeacherArguments:
                                                                           "not in the split instead of failing."})
     output_dir: str = field(default="teacher_out", metadata={"help": "Gets teacher_data.json, teacher_provenance.jsonl, "
                                                                      "journal.jsonl, summary.json."})
-    backend: str = field(default="openai", metadata={"help": "openai: any OpenAI-compatible server (key from env "
-                                                             "OPENAI_API_KEY); offline: built from gold rationales.",
-                                                     "choices": ["openai", "offline"]})
-    teacher_model: str = field(default="gpt-3.5-turbo", metadata={"help": "Model name sent to the server."})
-    base_url: str | None = field(default=None, metadata={"help": "OpenAI-compatible endpoint, e.g. "
-                                                                 "http://127.0.0.1:8000/v1 (default: OpenAI / env OPENAI_BASE_URL)."})
     num_samples: int = field(default=2, metadata={"help": "Rationales per request (the API's n); two or more give "
                                                           "the triplet loss a positive."})
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature of the teacher."})
@@ -594,13 +643,7 @@ class TeacherArguments:
     max_retries: int = field(default=5, metadata={"help": "Retries per request on 429, 5xx, timeouts, connection errors."})
     backoff_base: float = field(default=1.0, metadata={"help": "First retry delay in seconds (doubles each time, "
                                                                "with jitter; a retry-after header wins)."})
-    max_consecutive_failures: int = field(default=5, metadata={"help": "Stop the run (exit 1, replies so far kept) "
-                                                                       "after this many failed connection attempts in a row "
-                                                                       "(refused, DNS, timeout) with no answer from the "
-                                                                       "server between: a teacher that is down. 0: never."})
     max_requests: int | None = field(default=None, metadata={"help": "Stop cleanly after this many new requests."})
-    max_cost: float | None = field(default=None, metadata={"help": "Stop cleanly before this run's spend (USD) "
-                                                                   "would pass this."})
     price_table: str | None = field(default=None, metadata={"help": "JSON {model: {prompt_per_1m, completion_per_1m}} "
                                                                     "(USD per 1M tokens) over the built-in table."})
     prompt_price_per_1m: float | None = field(default=None, metadata={"help": "Override: USD per 1M prompt tokens."})
@@ -610,7 +653,6 @@ class TeacherArguments:
     dry_run: bool = field(default=False, metadata={"help": "Estimate requests, tokens and cost; send nothing, write nothing."})
     offline_error_rate: float = field(default=0.05, metadata={"help": "offline backend: share of rationales written "
                                                                       "with a wrong final answer (filter practice)."})
-    seed: int = field(default=42, metadata={"help": "offline backend: seed of its phrasing and errors."})
 
     def __post_init__(self):
         check_task(self.task)
@@ -619,15 +661,10 @@ class TeacherArguments:
         check_bounds(self)
         if not 0.0 <= self.offline_error_rate <= 1.0:
             raise UserError(f"--offline_error_rate must be in [0, 1], got {self.offline_error_rate}")
-        if self.mode not in ("annotate", "feedback"):
-            raise UserError(f"--mode must be annotate or feedback, got {self.mode!r}")
-        if self.backend not in ("openai", "offline"):
-            raise UserError(f"--backend must be openai or offline, got {self.backend!r}")
+        check_choices(self)
         if self.student_wrong and self.mode != "feedback":
             raise UserError("--student_wrong is read by --mode feedback only (annotate asks about the whole split)")
         if self.random_questions is not None and self.mode != "annotate":
             raise UserError("--random_questions draws questions to annotate: it needs --mode annotate (feedback asks "
                             "about the student's mistakes)")
-        if self.base_url:
-            from teacher_backends import check_base_url  # the teacher's own modules stay out of the others' imports
-            check_base_url(self.base_url)
+        self.check_server()

@@ -1,14 +1,6 @@
 """Evidence for the method's claims: named arms over seeds, one table (reproduce.py is the script).
 
-Arms (ARMS), each one round of training on top of the arm it continues from:
-  student               round 0: the warm-started student, no training (shared by every seed)
-  std-cot               round 1: teacher rationales for the train split, LM loss only (classic distillation)
-  +reflect              round 1: as std-cot, plus the self-reflection (triplet) loss on the student's exam mistakes
-  +prefer               round 1: as +reflect with a reference-free preference loss (--prefer_loss) instead of the triplet
-  tailored              round 2 after +reflect: feedback on the round-1 student's mistakes, with self-reflection (the method)
-  tailored-no-reflect   round 2 after std-cot: feedback on its mistakes, LM loss only
-  untailored            round 2 after +reflect: as many teacher requests as `tailored` made, for random train questions
-  more-epochs           round 2 after +reflect: round 1's data again, for as many steps as `tailored` trained
+Arms: `arms.EVIDENCE_ARMS`, each one round of training on top of the arm it continues from.
 
 Every stage is the round driver's (rounds.RoundDriver: the same commands, the same skip-if-done outputs and
 manifests); `ArmDriver` only says, per arm, which checkpoint a round starts from, which exam and teacher
@@ -34,12 +26,13 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 
-from args import EVIDENCE_ARMS, EvidenceArguments
+from args import EvidenceArguments
+from arms import EVIDENCE_ARMS
 from common import UserError, atomic_write_json, read_json
 from rounds import RoundDriver
 from stage_process import command_of, run_jobs, say
@@ -69,31 +62,6 @@ driver (no per-stage imports) and two run side by side (--jobs 2): 18.1 min wall
 """
 
 
-@dataclass(frozen=True)
-class Arm:
-    round: int
-    parent: str | None                          # the arm whose checkpoint this one continues (round - 1)
-    contrastive: bool = False                   # self-reflection term on (triplet, or the preference loss)
-    data: str = "annotate"                      # annotate | feedback | random | same (see ArmDriver.collect)
-    prefer: bool = False                        # the preference loss instead of the triplet
-    needs: tuple[str, ...] = ()                 # arms whose outputs size this one (untailored, more-epochs)
-    describe: str = ""
-
-
-ARMS: dict[str, Arm] = {
-    "student": Arm(0, None, describe="round-0 student, no training"),
-    "std-cot": Arm(1, "student", describe="teacher rationales for the train split, LM loss only"),
-    "+reflect": Arm(1, "student", True, describe="std-cot + self-reflection (triplet) on the student's mistakes"),
-    "+prefer": Arm(1, "student", True, prefer=True, describe="std-cot + a preference loss on the same pairs"),
-    "tailored": Arm(2, "+reflect", True, "feedback", describe="feedback on +reflect's mistakes, with self-reflection"),
-    "tailored-no-reflect": Arm(2, "std-cot", False, "feedback", describe="feedback on std-cot's mistakes, LM loss only"),
-    "untailored": Arm(2, "+reflect", True, "random", needs=("tailored",),
-                      describe="as many teacher requests as tailored, for random train questions"),
-    "more-epochs": Arm(2, "+reflect", True, "same", needs=("tailored",),
-                       describe="round 1's data again, for tailored's number of steps"),
-}
-assert tuple(ARMS) == EVIDENCE_ARMS  # args.py names them for --arms; the order is the order they run in
-
 # The full method against each ablation, then the two round-1 comparisons of the self-reflection term.
 PAIRS = [("tailored", other) for other in ("student", "std-cot", "+reflect", "tailored-no-reflect", "untailored",
                                            "more-epochs", "+prefer")] + [("+reflect", "std-cot"), ("+prefer", "+reflect")]
@@ -113,19 +81,19 @@ def slug(arm: str) -> str:
 
 
 def with_dependencies(arms: list[str]) -> list[str]:
-    """The arms asked for and every arm they build on, in ARMS order."""
+    """The arms asked for and every arm they build on, in EVIDENCE_ARMS order."""
     wanted: set[str] = set()
 
     def add(arm: str | None) -> None:
         if arm and arm not in wanted:
             wanted.add(arm)
-            add(ARMS[arm].parent)
-            for needed in ARMS[arm].needs:
+            add(EVIDENCE_ARMS[arm].parent)
+            for needed in EVIDENCE_ARMS[arm].needs:
                 add(needed)
 
     for arm in arms:
         add(arm)
-    return [arm for arm in ARMS if arm in wanted]
+    return [arm for arm in EVIDENCE_ARMS if arm in wanted]
 
 
 def seeds_of(args: EvidenceArguments) -> list[int]:
@@ -136,7 +104,7 @@ def seeds_of(args: EvidenceArguments) -> list[int]:
 
 class ArmDriver(RoundDriver):
     """One seed's arms through the round driver's stages: `run_round` as it is, with each arm's
-    parent, exam, teacher stage and training flags taken from ARMS."""
+    parent, exam, teacher stage and training flags taken from EVIDENCE_ARMS."""
 
     def __init__(self, args: EvidenceArguments, seed: int):
         super().__init__(replace(args, seed=seed, workdir=str(Path(args.workdir) / f"seed{seed}")))
@@ -145,19 +113,19 @@ class ArmDriver(RoundDriver):
         return self.workdir / slug(arm) / f"round{r}"
 
     def parent_arm(self, arm: str, r: int) -> str:
-        return ARMS[arm].parent
+        return EVIDENCE_ARMS[arm].parent
 
     def exam_dir(self, arm: str, r: int) -> Path:
         """Round 1: the round-0 student's shared exam. Later: the exam of the parent's checkpoint, shared
         by every arm continuing from it (tailored and untailored see the same mistakes). `same` re-uses
         its parent's inputs: that exam is finished by then, so nothing runs."""
-        spec = ARMS[arm]
+        spec = EVIDENCE_ARMS[arm]
         if r == 1 or spec.data == "same":
             return super().exam_dir(arm, 1)
         return self.round_dir(spec.parent, r - 1) / "next_exam"
 
     def collect(self, arm: str, r: int, exam: dict) -> dict:
-        spec, a = ARMS[arm], self.args
+        spec, a = EVIDENCE_ARMS[arm], self.args
         if spec.data in ("annotate", "same"):  # round 1's annotation, made once per seed
             return self.teacher("annotate", self.workdir / "round1" / "teacher", limit=a.annotate_limit)
         if spec.data == "feedback":
@@ -167,7 +135,7 @@ class ArmDriver(RoundDriver):
                             random_questions=min(asked, self.train_size()), seed=a.seed + UNTAILORED_SEED_OFFSET)
 
     def train_settings(self, arm: str, r: int) -> dict:
-        spec, a = ARMS[arm], self.args
+        spec, a = EVIDENCE_ARMS[arm], self.args
         settings = {"contrastive": spec.contrastive}
         if spec.prefer:
             settings.update(cl_loss=a.prefer_loss, cl_beta=a.prefer_beta, cl_gamma=a.prefer_gamma,
@@ -186,10 +154,10 @@ class ArmDriver(RoundDriver):
         return read_json(self.round_dir(arm, r) / "manifest.json")
 
     def done(self, arm: str) -> bool:
-        return (self.round_dir(arm, ARMS[arm].round) / "manifest.json").is_file()
+        return (self.round_dir(arm, EVIDENCE_ARMS[arm].round) / "manifest.json").is_file()
 
     def run_arm(self, arm: str) -> dict:
-        r = ARMS[arm].round
+        r = EVIDENCE_ARMS[arm].round
         if not self.done(arm):
             say(f"\n===== seed {self.args.seed}, arm {arm} (round {r}) =====")
             return self.run_round(arm, r)
@@ -228,7 +196,7 @@ def run(args: EvidenceArguments) -> dict:
     for seed in seeds:
         for arm in arms:
             if arm != "student":
-                needs = tuple((seed, dep) for dep in (ARMS[arm].parent, *ARMS[arm].needs) if dep != "student")
+                needs = tuple((seed, dep) for dep in (EVIDENCE_ARMS[arm].parent, *EVIDENCE_ARMS[arm].needs) if dep != "student")
                 jobs[seed, arm] = (lambda seed=seed, arm=arm: drivers[seed].run_arm(arm), needs)
     done = run_jobs(jobs, args.jobs)
     manifests: dict[str, dict[int, dict]] = {arm: {} for arm in arms}
@@ -277,7 +245,7 @@ def lineage(arm: str) -> list[str]:
     chain = []
     while arm and arm != "student":
         chain.append(arm)
-        arm = ARMS[arm].parent
+        arm = EVIDENCE_ARMS[arm].parent
     return chain[::-1]
 
 
@@ -319,18 +287,18 @@ def summarize(args: EvidenceArguments, arms: list[str], seeds: list[int], manife
                            "total": m["eval"][split]["total"], "file": m["eval"][split]["file"]} for split in splits}
             run.update(teacher=use, seconds=m.get("seconds", 0))
             if arm != "student":
-                train = drivers[seed].round_dir(arm, ARMS[arm].round) / "train" / "train_summary.json"
+                train = drivers[seed].round_dir(arm, EVIDENCE_ARMS[arm].round) / "train" / "train_summary.json"
                 run["train_steps"] = read_json(train)["steps"]
                 run["exam"] = m.get("exam")
             runs[str(seed)] = run
             for split in splits:
                 outcomes[(arm, seed, split)] = per_question(m["eval"][split])
-        per_arm[arm] = {"round": ARMS[arm].round, "parent": ARMS[arm].parent, "describe": ARMS[arm].describe,
-                        "per_seed": runs}
+        spec = EVIDENCE_ARMS[arm]
+        per_arm[arm] = {"round": spec.round, "parent": spec.parent, "describe": spec.describe, "per_seed": runs}
     rows = []
     for arm in arms:
         runs = per_arm[arm]["per_seed"]
-        row = {"arm": arm, "round": ARMS[arm].round, "seeds": len(runs)}
+        row = {"arm": arm, "round": EVIDENCE_ARMS[arm].round, "seeds": len(runs)}
         for split in splits:
             row[split] = dict(zip(("mean", "std"), mean_std([r[split]["acc"] for r in runs.values()])))
             row[split]["strict_mean"] = mean_std([r[split]["strict_acc"] for r in runs.values()])[0]
@@ -406,7 +374,7 @@ def print_table(result: dict) -> None:
         for p in result["pairs"]:
             print(f"  {p['a'] + ' - ' + p['b']:<32} {p['diff']:+.4f} [{p['low']:+.4f}, {p['high']:+.4f}]"
                   f"  ({p['seeds']} seed(s) x {p['questions']} questions)")
-    print("arms: " + "; ".join(f"{arm}: {ARMS[arm].describe}" for arm in result["arms"]))
+    print("arms: " + "; ".join(f"{arm}: {EVIDENCE_ARMS[arm].describe}" for arm in result["arms"]))
 
 
 def plot(result: dict, path: Path) -> None:
@@ -423,7 +391,7 @@ def plot(result: dict, path: Path) -> None:
             x = row["round"] + (k - len(rows) / 2) * 0.03  # a small shift keeps the error bars apart
             ax.errorbar([x], [row[split]["mean"]], yerr=[row[split]["std"]], fmt="o", color=f"C{k % 10}", capsize=3,
                         label=arm)
-            parent = ARMS[arm].parent
+            parent = EVIDENCE_ARMS[arm].parent
             if parent in rows:
                 px = rows[parent]["round"] + (list(rows).index(parent) - len(rows) / 2) * 0.03
                 ax.plot([px, x], [rows[parent][split]["mean"], row[split]["mean"]], color=f"C{k % 10}", alpha=0.6)

@@ -132,17 +132,6 @@ def run(args: InferArguments) -> dict | None:
     return {**output, "path": str(path)}
 
 
-def read_result(out: Path) -> dict | None:
-    """The newest Acc<acc>.json in `out` in brief, accuracies as fractions (None if there is none):
-    the round driver reads this."""
-    files = sorted(out.glob("Acc*.json"), key=lambda p: p.stat().st_mtime)
-    if not files:
-        return None
-    result = read_json(files[-1])
-    return {"acc": result["accuracy"], "strict_acc": result["strict_accuracy"], "correct": result["correct"],
-            "total": result["total"], "file": str(files[-1])}
-
-
 main = distributed.script_main(InferArguments, "infer:run")
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import distributed
 from args import ExamArguments, as_dict
-from common import atomic_write_json, atomic_write_jsonl, check_output_dir, read_json, redact
+from common import atomic_write_json, atomic_write_jsonl, check_output_dir, redact
 from infer import default_output_dir, setup
 from tasks import build_prompt, grade
 
@@ -65,15 +65,6 @@ def run(args: ExamArguments) -> dict | None:
           f"{summary['accuracy']:.4f}, pass@{n_samples} {summary[f'pass@{n_samples}']:.4f}, "
           f"{summary['wrong_rationales']} wrong rationales on {len(wrong)} questions -> {out / 'student_wrong.json'}")
     return summary
-
-
-def read_summary(out: Path) -> dict | None:
-    """What a finished exam in `out` found (None if it has not finished): the round driver reads this."""
-    if not (out / "summary.json").is_file():
-        return None
-    summary = read_json(out / "summary.json")
-    return {"student_wrong": str(out / "student_wrong.json"), "accuracy": summary["accuracy"],
-            "questions_with_mistakes": summary["questions_with_mistakes"], "negatives": summary["wrong_rationales"]}
 
 
 main = distributed.script_main(ExamArguments, "infer_student_wrong:run")

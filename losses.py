@@ -4,7 +4,7 @@ rationale (positive) and the student's own mistake (negative).
 
 `shared_step.py` runs the model and hands each self-reflection loss a `ContrastInputs`; the
 loss named by `--cl_loss` comes from `CONTRAST_LOSSES`. Adding one is a function here, an entry
-in that table, and its flags (a `LossConfig` field here, a `TrainArguments` field in args.py).
+in that table, and its flags (a field of `args.LossArguments`, which `LossConfig` is).
 A loss that needs the continuations' token log-probs says so (`needs_logprobs`): the shared step
 then also returns them.
 
@@ -12,36 +12,25 @@ then also returns them.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, fields
+from typing import Callable, get_args
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from args import AnchorMode, LmLossImpl, LossArguments, MleMode, ReprMode
 from common import UserError
 
-MLE_MODES = ("weight", "hf", "nograd", "no")
-REPR_MODES = ("last", "pool")
-ANCHOR_MODES = ("detached", "full")
-LM_LOSS_IMPLS = ("logits", "chunked", "liger")  # how the LM loss reaches the output head (same value)
+MLE_MODES = get_args(MleMode)
+REPR_MODES = get_args(ReprMode)
+ANCHOR_MODES = get_args(AnchorMode)
+LM_LOSS_IMPLS = tuple(impl for impl in get_args(LmLossImpl) if impl != "auto")  # how the LM loss reaches the output head
 
 
 @dataclass
-class LossConfig:
-    mle: str = "weight"          # weight | hf | nograd | no
-    mle_w: float = 0.1           # weight of prompt tokens in mode `weight`
-    contrastive: bool = False    # add the self-reflection loss
-    cl_loss: str = "triplet"     # a key of CONTRAST_LOSSES
-    cl_ratio: float = 0.5        # self-reflection loss multiplier
-    cl_p: float = 1.0            # triplet margin
-    cl_repr: str = "last"        # last | pool
-    cl_anchor: str = "detached"  # detached: anchor re-read on the no-grad prefix (original) | full: from the LM forward
-    cl_clip: bool = False        # zero the self-reflection loss when it is below the LM loss or 0.01 (clip_self_reflection)
-    lm_loss_impl: str = "logits"  # logits | chunked | liger | auto (chunked on a GPU, else logits): see chunked_lm_loss
-    lm_loss_chunk: int = 4096    # target positions per chunk (chunked)
-    cl_beta: float = 2.0         # simpo: scale of the log-prob difference
-    cl_gamma: float = 1.0        # simpo: target margin
+class LossConfig(LossArguments):
+    """The loss flags (declared once, in args.LossArguments) as the loss functions read them, checked."""
 
     def __post_init__(self):
         if self.lm_loss_impl == "auto":
@@ -59,7 +48,7 @@ class LossConfig:
 
     @classmethod
     def from_args(cls, args) -> "LossConfig":
-        return cls(**{name: getattr(args, name) for name in cls.__dataclass_fields__ if hasattr(args, name)})
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
 
     @property
     def needs_logprobs(self) -> bool:

@@ -18,12 +18,11 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
-import infer
-import infer_student_wrong
-import teacher
-from args import ExamArguments, InferArguments, TeacherArguments, TrainArguments, to_argv
+from arms import DRIVER_ARMS
+from args import to_argv
 from common import UserError, atomic_write_json, read_json
 from stage_process import run_command, run_jobs, say, stage_lock
+from stages import EVALUATION, EXAM, TEACHER, TRAINING, Stage
 
 
 def merge_rationale_files(paths: list[str], out: Path) -> None:
@@ -34,9 +33,6 @@ def merge_rationale_files(paths: list[str], out: Path) -> None:
             bucket = merged.setdefault(question, [])
             bucket.extend(t for t in texts if t not in bucket)
     atomic_write_json(out, merged)
-
-
-ARMS = {"reflect": True, "lm": False}  # arm -> trains with the self-reflection (triplet) loss
 
 
 class RoundDriver:
@@ -53,64 +49,56 @@ class RoundDriver:
         self.splits = args.eval_splits.split(",")
 
     # ------------------------------------------------------------ stages (each a command)
-    def command(self, script: str, cls, **values) -> list[str]:
-        """`script`'s command line: every driver setting the stage has under the same name, then `values`.
+    def command(self, stage: Stage, **values) -> list[str]:
+        """The stage's command line: every driver setting the stage has under the same name, then `values`.
         Built from the stage's own dataclass, so a renamed or invalid flag fails here, before any stage runs."""
-        names = {f.name for f in fields(cls)}
+        names = {f.name for f in fields(stage.arguments)}
         shared = {f.name: getattr(self.args, f.name) for f in fields(self.args) if f.name in names}
-        return [self.python, script, *to_argv(cls, **{**shared, **values})]
+        return [self.python, stage.script, *to_argv(stage.arguments, **{**shared, **values})]
 
     def eval_command(self, checkpoint: str, out: Path, split: str) -> list[str]:
-        return self.command("infer.py", InferArguments, rationale=True, test_on=split, checkpoint=checkpoint,
+        return self.command(EVALUATION, rationale=True, test_on=split, checkpoint=checkpoint,
                             batch=self.args.eval_batch, limit=self.args.eval_limit, output_dir=str(out))
 
     def exam_command(self, checkpoint: str, out: Path) -> list[str]:
         a = self.args
-        return self.command("infer_student_wrong.py", ExamArguments, rationale=True, test_on="train",
-                            checkpoint=checkpoint, batch=a.exam_batch, max_new_tokens=a.exam_max_new_tokens,
-                            limit=a.exam_limit, output_dir=str(out))
+        return self.command(EXAM, rationale=True, test_on="train", checkpoint=checkpoint, batch=a.exam_batch,
+                            max_new_tokens=a.exam_max_new_tokens, limit=a.exam_limit, output_dir=str(out))
 
     def teacher_command(self, mode: str, out: Path, student_wrong: str | None, **extra) -> list[str]:
-        return self.command("query_teacher.py", TeacherArguments, mode=mode, test_on="train",
-                            num_samples=self.args.teacher_samples, student_wrong=student_wrong, output_dir=str(out),
-                            **extra)
+        return self.command(TEACHER, mode=mode, test_on="train", num_samples=self.args.teacher_samples,
+                            student_wrong=student_wrong, output_dir=str(out), **extra)
 
     def train_command(self, start_checkpoint: str, teacher_data: str, negatives: str, out: Path,
                       contrastive: bool, **extra) -> list[str]:
-        return self.command("run_trainer.py", TrainArguments, checkpoint=start_checkpoint, teacher_data=teacher_data,
+        return self.command(TRAINING, checkpoint=start_checkpoint, teacher_data=teacher_data,
                             weight_decay=0.01, contrastive=contrastive, cl_pos_path=teacher_data,
                             cl_neg_path=negatives, merge_losses=True, output_dir=str(out), resume="yes",
                             logging_steps=20, **extra)
 
-    def evaluate(self, checkpoint: str, out: Path, split: str) -> dict:
+    def run_stage(self, stage: Stage, command: list[str], out: Path) -> dict:
+        """The stage's outputs, after running it unless a finished run left them (one runner per folder)."""
         with stage_lock(out):
-            if infer.read_result(out) is None:
-                run_command(self.eval_command(checkpoint, out, split), out / "log.txt")
-            return infer.read_result(out)
+            if stage.result(out) is None:
+                run_command(command, out / "log.txt")
+            return stage.result(out)
+
+    def evaluate(self, checkpoint: str, out: Path, split: str) -> dict:
+        return self.run_stage(EVALUATION, self.eval_command(checkpoint, out, split), out)
 
     def evaluate_all(self, checkpoint: str, folder: Path) -> dict:
         return {split: self.evaluate(checkpoint, folder / f"eval_{split}", split) for split in self.splits}
 
     def exam(self, checkpoint: str, out: Path) -> dict:
-        with stage_lock(out):
-            if infer_student_wrong.read_summary(out) is None:
-                run_command(self.exam_command(checkpoint, out), out / "log.txt")
-            return infer_student_wrong.read_summary(out)
+        return self.run_stage(EXAM, self.exam_command(checkpoint, out), out)
 
     def teacher(self, mode: str, out: Path, student_wrong: str | None = None, **extra) -> dict:
-        with stage_lock(out):
-            if teacher.read_summary(out) is None:
-                run_command(self.teacher_command(mode, out, student_wrong, **extra), out / "log.txt")
-            return teacher.read_summary(out)
+        return self.run_stage(TEACHER, self.teacher_command(mode, out, student_wrong, **extra), out)
 
     def train(self, start_checkpoint: str, teacher_data: str, negatives: str, out: Path, contrastive: bool,
               **extra) -> str:
-        final = out / "final"
-        with stage_lock(out):
-            if not (final / "run_args.json").is_file():
-                run_command(self.train_command(start_checkpoint, teacher_data, negatives, out, contrastive, **extra),
-                            out / "log.txt")
-        return str(final)
+        command = self.train_command(start_checkpoint, teacher_data, negatives, out, contrastive, **extra)
+        return self.run_stage(TRAINING, command, out)["checkpoint"]
 
     # ------------------------------------------------------------ rounds
     def round_dir(self, arm: str, r: int) -> Path:
@@ -139,7 +127,7 @@ class RoundDriver:
 
     def train_settings(self, arm: str, r: int) -> dict:
         """Training flags of this arm's round beyond the driver's own (at least `contrastive`)."""
-        return {"contrastive": ARMS[arm]}
+        return {"contrastive": DRIVER_ARMS[arm].contrastive}
 
     def run_round(self, arm: str, r: int) -> dict:
         started = time.time()

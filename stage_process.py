@@ -265,6 +265,8 @@ def command_of(log: Path) -> str | None:
 PRELOAD = ("torch", "transformers", "generation", "trainer", "transformers.models.gptj.modeling_gptj",
            "transformers.models.llama.modeling_llama")
 _preloaded = False
+_fork_safe = False
+_stage_threads = 0  # torch threads a stage starts with when no share is set: the driver's default
 
 
 def warm_stages_enabled() -> bool:
@@ -279,15 +281,34 @@ def is_repo_script(argv: list[str]) -> bool:
 def preload() -> None:
     """Import the stages' heavy modules in the driver, once. A module that fails to import is left for the
     stage itself to report, as it would in a fresh process."""
-    global _preloaded
+    global _preloaded, _fork_safe, _stage_threads
     if _preloaded:
         return
     _preloaded = True
+    torch_was_imported = "torch" in sys.modules
     for name in PRELOAD:
         try:
             importlib.import_module(name)
         except Exception:  # noqa: BLE001 - the stage meets the same error and reports it in its own words
             pass
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return
+    # OpenMP's worker threads do not survive a fork: the child of a process that has run a multi-threaded op hangs
+    # at its first parallel region. A driver runs no ops itself: one thread keeps it from ever starting that pool,
+    # and its stages get the default back. A process that imported torch before (a test session, a library user)
+    # may have started the pool already: its stages fork only if it has kept to one thread.
+    _stage_threads = torch.get_num_threads()
+    if torch_was_imported:
+        _fork_safe = _stage_threads == 1
+    else:
+        torch.set_num_threads(1)
+        _fork_safe = True
+
+
+def fork_is_safe() -> bool:
+    preload()
+    return _fork_safe
 
 
 class ForkedStage:
@@ -369,9 +390,10 @@ def _run_stage_in_child(argv: list[str], output_fd: int, threads: int | None, sh
 
         signal.signal(signal.SIGUSR1, take_thread_share)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
-        wanted = os.environ.get("OMP_NUM_THREADS", "")
-        if wanted.isdigit() and int(wanted) > 0 and "torch" in sys.modules:  # OpenMP read it at the driver's import
-            sys.modules["torch"].set_num_threads(int(wanted))
+        wanted = os.environ.get("OMP_NUM_THREADS", "")  # OpenMP read it at the driver's import
+        wanted = int(wanted) if wanted.isdigit() and int(wanted) > 0 else _stage_threads
+        if wanted and "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(wanted)
         script = os.path.abspath(argv[1])
         sys.argv = [argv[1], *argv[2:]]
         sys.path[0] = os.path.dirname(script)
@@ -396,7 +418,7 @@ def _run_stage_in_child(argv: list[str], output_fd: int, threads: int | None, sh
 def start_stage(argv: list[str], threads: int | None = None):
     """The running stage, forked from the driver when it is one of our scripts, else a subprocess.
     `threads`: its torch threads (OMP_NUM_THREADS), when stages share the cores."""
-    if warm_stages_enabled() and is_repo_script(argv):
+    if warm_stages_enabled() and is_repo_script(argv) and fork_is_safe():
         return ForkedStage(argv, threads)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
     with _console:

@@ -185,7 +185,7 @@ def run_collection(args) -> dict:
                           health=Health(args.max_consecutive_failures or None))
     summary = {"mode": args.mode, "task": plan.task.name, "split": args.test_on, "backend": plan.backend.name,
                "model": plan.backend.model, "base_url": public_url(plan.base_url),
-               "template_hash": template_hash(args.mode), "params": plan.backend.params(),
+               "template_hash": template_hash(args.mode, plan.task.kind), "params": plan.backend.params(),
                "questions": len(plan.examples),
                "questions_asked": len({r.example.question for r in plan.requests}),
                "unknown_questions_skipped": len(plan.unknown),
@@ -247,20 +247,6 @@ def failure_message(summary: dict, collector: Collector) -> str | None:
     got = req["from_journal"] + req["new"]
     return (f"{failed} of {req['total']} requests failed ({reason}); re-run the same command to retry them "
             + (f"(the {got} replies so far are journaled)" if got else "(no reply was collected)"))
-
-
-def read_summary(out: Path) -> dict | None:
-    """What a finished collection in `out` kept (None if it has not finished): the round driver reads this."""
-    if not (out / "summary.json").is_file() or not (out / "teacher_data.json").is_file():
-        return None
-    summary = read_json(out / "summary.json")
-    if summary.get("failure"):  # some requests failed: run the stage again (the journal answers the rest)
-        return None
-    return {"teacher_data": str(out / "teacher_data.json"), "template_hash": summary.get("template_hash"),
-            "model": summary.get("model"), "kept": summary["samples"]["kept"],
-            "rejected": summary["samples"]["rejected"], "cost_usd": summary["cost_usd"]["all_requests"],
-            "requests": summary["requests"]["total"], "questions_asked": summary.get("questions_asked"),
-            "tokens": summary.get("tokens")}
 
 
 async def _collect(collector: Collector, pending: list[Request], records: dict, n: int) -> None:

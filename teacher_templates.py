@@ -4,7 +4,8 @@ Two request kinds: `annotate` (question + gold answer -> a rationale) and `feedb
 (question + the student's wrong rationale + gold answer -> a correct rationale that deals
 with that mistake). The wording is our own. Any edit here changes `template_hash`, which
 goes into every request key, so a re-run after an edit asks the teacher again instead of
-reusing answers to the old prompt.
+reusing answers to the old prompt. The hash covers one task kind's final sentence, so adding or
+editing another kind leaves the keys of journals already paid for as they were.
 """
 from __future__ import annotations
 
@@ -20,8 +21,11 @@ SYSTEM = (
     "Write one paragraph of plain prose, with no lists, headings or line breaks."
 )
 
-# How the last sentence must look, per task kind (SPEC §2; answers.KINDS): the student learns this exact shape.
-FINAL_SENTENCE = {name: kind.teacher_instruction() for name, kind in KINDS.items()}
+
+def final_sentence_instruction(task_kind: str) -> str:
+    """How the last sentence must look for this task kind (SPEC §2; answers.KINDS): the student learns this exact shape."""
+    return KINDS[task_kind].teacher_instruction()
+
 
 ANNOTATE = """Solve the question below step by step. Show each calculation or fact you use, then state the result.
 {final_sentence}
@@ -66,9 +70,21 @@ class Prompt:
     template_hash: str
 
 
-def template_hash(kind: str) -> str:
-    """Short sha256 of everything that shapes the prompt of this kind."""
-    text = "\n---\n".join([SYSTEM, *FINAL_SENTENCE.values(), TEMPLATES[kind]])
+# The kinds whose final sentences were hashed together before each kind had its own hash: they keep that
+# joint hash, so the journals their requests are keyed in stay valid. A kind added later hashes its own alone.
+JOINTLY_HASHED_KINDS = ("math", "yesno", "choice")
+
+
+def final_sentences_hashed(task_kind: str) -> list[str]:
+    kinds = JOINTLY_HASHED_KINDS if task_kind in JOINTLY_HASHED_KINDS else (task_kind,)
+    return [final_sentence_instruction(k) for k in kinds]
+
+
+def template_hash(kind: str, task_kind: str) -> str:
+    """Short sha256 of everything that shapes the prompt of this request kind for tasks of this answer kind."""
+    if kind not in TEMPLATES:
+        raise ValueError(f"unknown request kind {kind!r}")
+    text = "\n---\n".join([SYSTEM, *final_sentences_hashed(task_kind), TEMPLATES[kind]])
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
 
 
@@ -86,8 +102,8 @@ def _choices_block(task: TaskSpec, ex: Example) -> str:
 def render(kind: str, task: TaskSpec, ex: Example, wrong: str | None = None) -> Prompt:
     if kind not in TEMPLATES:
         raise ValueError(f"unknown request kind {kind!r}")
-    user = TEMPLATES[kind].format(final_sentence=FINAL_SENTENCE[task.kind], question=ex.question,
+    user = TEMPLATES[kind].format(final_sentence=final_sentence_instruction(task.kind), question=ex.question,
                                   choices=_choices_block(task, ex), answer=gold_text(task, ex),
                                   wrong=" ".join((wrong or "").split()))
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
-    return Prompt(kind, messages, template_hash(kind))
+    return Prompt(kind, messages, template_hash(kind, task.kind))

@@ -18,12 +18,13 @@ import math
 import random
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Hashable, Iterator, Sequence
+from typing import Any, Hashable, Iterator, Sequence, get_args
 
 import torch
 
 import tasks
 from answers import ANSWER_MARKER, answer_line, cut_at_blank_line
+from args import NegForm
 from common import UserError, read_json
 from losses import lm_target_counts
 from tasks import Example, TaskSpec
@@ -58,7 +59,7 @@ def is_correct(task: TaskSpec, ex: Example, rationale: str) -> bool:
     return tasks.answers_match(task, tasks.extract_answer(task, rationale), ex.gold)
 
 
-NEG_FORMS = ("original", "gold", "own")
+NEG_FORMS = get_args(NegForm)
 
 
 def wrong_continuation(task: TaskSpec, ex: Example, text: str, form: str = "original") -> str:

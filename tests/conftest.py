@@ -99,3 +99,15 @@ def teacher_files(data_dir, tmp_path_factory):
 def pytest_report_header(config):
     import hf_compat
     return hf_compat.version_line()
+
+
+# The files that take minutes (chains of stage processes, the transformers-5.17 sub-run, ZeRO-3 runs, the
+# SmolLM2 conversion), slowest first. xdist's loadfile hands files to workers in collection order: starting
+# with these, the short files fill in around them instead of one long file running alone at the end.
+SLOW_FILES = ("test_reproduce.py", "test_rounds.py", "test_real_student.py", "test_experiments.py", "test_versions.py",
+              "test_trainer.py", "test_stage_process.py", "test_teacher_hardening.py", "test_precision.py", "test_lora.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOW_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FILES)))  # stable: tests keep their order in a file

@@ -13,6 +13,7 @@ import distributed
 import generation
 import infer
 import infer_student_wrong
+import stages
 from answers import clean_choice, clean_math, clean_yesno
 from args import ExamArguments, InferArguments, RoundsArguments, parse, to_argv
 from common import UserError
@@ -205,7 +206,7 @@ def test_evaluation_defaults_sample_num_and_the_acc_file(tiny_student, data_dir,
         assert item["generated"] == clean_math(item["raw_generated"])
         assert item["pred"] == get_task("wordmath").answers.extract(item["raw_generated"], False)
         assert set(item) >= {"correct", "strict_prediction", "strict_correct"}
-    assert infer.read_result(out) == {"acc": data["accuracy"], "strict_acc": data["strict_accuracy"],
+    assert stages.evaluation_result(out) == {"acc": data["accuracy"], "strict_acc": data["strict_accuracy"],
                                       "correct": data["correct"], "total": 6, "file": result["path"]}
 
     from generation import load_tokenizer

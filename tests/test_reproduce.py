@@ -103,7 +103,8 @@ def test_paired_bootstrap_covers_a_known_difference():
 
 
 def test_arms_bring_the_arms_they_build_on():
-    from evidence import ARMS, with_dependencies
+    from arms import EVIDENCE_ARMS as ARMS
+    from evidence import with_dependencies
 
     assert with_dependencies(["more-epochs"]) == ["student", "+reflect", "tailored", "more-epochs"]
     assert with_dependencies(["tailored-no-reflect"]) == ["student", "std-cot", "tailored-no-reflect"]

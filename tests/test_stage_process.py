@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -53,6 +54,41 @@ def test_warm_and_fresh_stages_write_the_same_results(tiny_student, data_dir, tm
     cold, = (tmp_path / "fresh").glob("Acc*.json")
     assert warm.name == cold.name
     assert json.loads(warm.read_text())["results"] == json.loads(cold.read_text())["results"]
+
+
+def test_a_process_that_ran_multithreaded_ops_starts_stages_that_do_not_hang(tmp_path):
+    """OpenMP's worker threads do not survive a fork: a stage forked from a process that has run a two-thread op
+    hung at its first parallel region. Such a process gets fresh stages; a driver (torch first imported by the
+    preload) stays at one thread itself and forks, its stages back at the default thread count."""
+    stage = tmp_path / "stage.py"
+    stage.write_text("import os, torch\n(torch.ones(600, 600) @ torch.ones(600, 600)).sum()\n"
+                     "print('threads', torch.get_num_threads(), 'pid', os.getpid())\n")
+    probe = tmp_path / "probe.py"
+    probe.write_text(f"""import os, sys
+sys.path.insert(0, {str(ROOT)!r})
+import stage_process
+from pathlib import Path
+if sys.argv[1] == "used":
+    import torch
+    torch.set_num_threads(2)
+    (torch.ones(600, 600) @ torch.ones(600, 600)).sum()
+stage_process.run_command([sys.executable, {str(stage)!r}], Path(sys.argv[2]))
+import torch
+print("driver threads", torch.get_num_threads(), "forked", stage_process._fork_safe, "pid", os.getpid())
+""")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    for case in ("used", "driver"):
+        log = tmp_path / case / "log.txt"
+        done = subprocess.run([sys.executable, str(probe), case, str(log)], capture_output=True, text=True, timeout=120,
+                              env=env, cwd=ROOT)
+        assert done.returncode == 0, done.stderr[-2000:]
+        forked = "forked True" in done.stdout
+        assert forked == (case == "driver" or (os.cpu_count() or 1) == 1), done.stdout
+        assert "threads" in log.read_text()
+        if case == "driver":  # the driver keeps to one thread; its stage gets the default back
+            default = int(subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+                                         capture_output=True, text=True, env=env).stdout)
+            assert "driver threads 1 " in done.stdout and f"threads {default} pid" in log.read_text()
 
 
 def test_jobs_run_after_what_they_need_and_at_most_workers_at_once():

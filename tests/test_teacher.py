@@ -17,6 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import args as args_mod  # noqa: E402
 import query_teacher  # noqa: E402
 import tasks  # noqa: E402
+import stages  # noqa: E402
 import teacher  # noqa: E402
 import teacher_backends  # noqa: E402
 import teacher_collect  # noqa: E402
@@ -332,14 +333,14 @@ def test_exhausted_retries_and_bad_requests_fail_alone_then_rerun_fills_in(tmp_p
         collect(openai_argv(server, data_dir, out, "--max_retries", "2", "--concurrency", "1"))
     summary = failed.value.summary
     assert summary["requests"]["failed"] == 2 and summary["requests"]["new"] == 2
-    assert teacher.read_summary(out) is None  # the round driver runs such a stage again
+    assert stages.teacher_result(out) is None  # the round driver runs such a stage again
     assert server.attempts == 3 + 1 + 2  # 500 retried twice, 400 not retried
     assert sorted(read_data(out)) == sorted(questions[2:])
     reasons = [json.loads(line)["reason"] for line in (out / "teacher_provenance.jsonl").read_text().splitlines()]
     assert sum(r.startswith("request_failed") for r in reasons) == 2
     server.always = {}
     summary = collect(openai_argv(server, data_dir, out))
-    assert summary["requests"]["new"] == 2 and len(read_data(out)) == 4 and teacher.read_summary(out)
+    assert summary["requests"]["new"] == 2 and len(read_data(out)) == 4 and stages.teacher_result(out)
 
 
 def test_concurrency_is_bounded(tmp_path, with_key):
@@ -419,3 +420,46 @@ def test_cli_question_not_in_split(tmp_path, monkeypatch, capsys):
 def test_cli_bad_flag_value(tmp_path, monkeypatch, capsys):
     assert run_cli(monkeypatch, ["--concurrency", "0", "--output_dir", str(tmp_path / "o")]) == 2
     assert "--concurrency" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------- template hashes: one per task kind
+
+def _request_keys() -> dict[str, str]:
+    """The journal key of one annotate and one feedback request for a task of every kind there is today."""
+    from teacher_templates import render
+
+    keys = {}
+    for name in ("wordmath", "cqa", "sqa"):
+        task = tasks.get_task(name)
+        ex = tasks.Example(question="Q?", gold="a" if task.kind == "choice" else "3", rationale="R.",
+                           choices=["x", "y", "z", "w", "v"] if task.kind == "choice" else None)
+        for kind in ("annotate", "feedback"):
+            keys[f"{name}/{kind}"] = teacher_journal.request_key("offline", "m", render(kind, task, ex, "wrong"), {"n": 2})
+    return keys
+
+
+def test_template_hashes_of_existing_kinds_are_those_journals_were_keyed_with():
+    """The hashes in journals written before each kind got its own: a change here re-asks a paid teacher."""
+    from teacher_templates import template_hash
+
+    for task_kind in ("math", "yesno", "choice"):
+        assert (template_hash("annotate", task_kind), template_hash("feedback", task_kind)) == ("20cff6721e01", "e7b5f35c7cd2")
+
+
+def test_adding_a_task_kind_leaves_existing_request_keys_unchanged(monkeypatch):
+    import dataclasses
+
+    import answers
+    from teacher_templates import template_hash
+
+    before = _request_keys()
+    date_kind = dataclasses.replace(answers.KINDS["math"], name="date", teacher_shape='"The answer is <YYYY-MM-DD>."')
+    monkeypatch.setitem(answers.KINDS, "date", date_kind)
+    assert _request_keys() == before
+    # the new kind hashes its own final sentence: editing it later moves its keys alone
+    assert template_hash("annotate", "date") not in {template_hash("annotate", k) for k in ("math", "yesno", "choice")}
+    edited = dataclasses.replace(date_kind, teacher_shape='"The answer is <DD.MM.YYYY>."')
+    hash_before_edit = template_hash("annotate", "date")
+    monkeypatch.setitem(answers.KINDS, "date", edited)
+    assert template_hash("annotate", "date") != hash_before_edit
+    assert _request_keys() == before

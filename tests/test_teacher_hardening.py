@@ -21,6 +21,7 @@ from test_teacher import ROOT, SECRET, collect, journal_lines, make_data_dir, op
 import args as args_mod  # noqa: E402
 import query_teacher  # noqa: E402
 import tasks  # noqa: E402
+import stages  # noqa: E402
 import teacher  # noqa: E402
 from common import UserError  # noqa: E402
 from teacher_templates import render  # noqa: E402
@@ -252,7 +253,7 @@ def test_exhausted_retries_exit_1_after_writing_what_succeeded(tmp_path, data, q
     assert line.startswith("error: 1 of 4 requests failed (gave up after 2 attempts: HTTP 500")
     assert "re-run the same command" in line and "the 3 replies so far are journaled" in line
     assert len(read_data(out)) == 3 and len(journal_lines(out)) == 3
-    assert json.loads((out / "summary.json").read_text())["failure"] and teacher.read_summary(out) is None
+    assert json.loads((out / "summary.json").read_text())["failure"] and stages.teacher_result(out) is None
 
 
 def test_dead_teacher_stops_at_once_cli(tmp_path, data, with_key):
@@ -284,7 +285,7 @@ def test_dead_teacher_keeps_what_succeeded_and_resumes(tmp_path, data, questions
     assert summary["requests"]["not_run"] == 1 and summary["stopped_early"]
     assert server.attempts == 2 + 5
     assert len(journal_lines(out)) == 2 and sorted(read_data(out)) == sorted(questions[:2])
-    assert teacher.read_summary(out) is None
+    assert stages.teacher_result(out) is None
 
     server.always.clear()
     server.reset_counts()

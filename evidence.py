@@ -21,21 +21,16 @@ and the round-0 evaluation once for all seeds. BUDGET has the measured stage tim
 """
 from __future__ import annotations
 
-import platform
-import shlex
-import subprocess
-import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-import numpy as np
-
 from args import EvidenceArguments
 from arms import EVIDENCE_ARMS
 from common import UserError, atomic_write_json, read_json
+from evidence_report import plot, print_table, summarize
 from rounds import RoundDriver
-from stage_process import command_of, run_jobs, say
+from stage_process import run_jobs, say
 
 BUDGET = """
 Measured on the 2-core machine while other jobs shared it, so in CPU seconds of each stage at one torch
@@ -61,10 +56,6 @@ driver (no per-stage imports) and two run side by side (--jobs 2): 18.1 min wall
 26 stages of ~6-10 s each, almost all of it start-up.
 """
 
-
-# The full method against each ablation, then the two round-1 comparisons of the self-reflection term.
-PAIRS = [("tailored", other) for other in ("student", "std-cot", "+reflect", "tailored-no-reflect", "untailored",
-                                           "more-epochs", "+prefer")] + [("+reflect", "std-cot"), ("+prefer", "+reflect")]
 
 # --quick: sizes for an end-to-end run of a few minutes (flags given on the command line still win).
 QUICK = {"seeds": 1, "exam_limit": 40, "num_return_sequences": 2, "exam_max_new_tokens": 96, "eval_limit": 40,
@@ -211,198 +202,3 @@ def run(args: EvidenceArguments) -> dict:
     plot(result, root / "evidence.png")
     print(f"\nevery number: {root / 'results.json'} ({result['minutes']:.1f} min this run)")
     return result
-
-
-# ---------------------------------------------------------------- numbers
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for one value)."""
-    a = np.asarray(values, dtype=float)
-    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
-
-
-def paired_bootstrap(a: np.ndarray, b: np.ndarray, resamples: int, seed: int = 0) -> tuple[float, float, float]:
-    """Mean of a - b over a (seeds, questions) grid of 0/1 outcomes, and a 95% percentile interval that
-    resamples seeds and questions (each with replacement, paired: the same draw for both arms)."""
-    diff = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
-    rng = np.random.default_rng(seed)
-    n_seeds, n_questions = diff.shape
-    seeds = rng.integers(0, n_seeds, (resamples, n_seeds))
-    questions = rng.integers(0, n_questions, (resamples, n_questions))
-    # mean over the resampled grid = mean over resampled seeds of each seed's mean over resampled questions
-    per_seed = np.stack([diff[:, q].mean(1) for q in questions])          # (resamples, n_seeds)
-    means = np.take_along_axis(per_seed, seeds, 1).mean(1)
-    low, high = np.percentile(means, [2.5, 97.5])
-    return float(diff.mean()), float(low), float(high)
-
-
-def per_question(eval_entry: dict) -> tuple[list[str], list[int]]:
-    results = read_json(eval_entry["file"])["results"]
-    return [r["question"] for r in results], [int(bool(r["correct"])) for r in results]
-
-
-def lineage(arm: str) -> list[str]:
-    chain = []
-    while arm and arm != "student":
-        chain.append(arm)
-        arm = EVIDENCE_ARMS[arm].parent
-    return chain[::-1]
-
-
-def teacher_use(manifests: dict[str, dict[int, dict]], arm: str, seed: int) -> dict:
-    """Teacher requests, tokens and cost behind an arm's training data: every teacher stage on its
-    lineage, each counted once (more-epochs re-uses round 1's)."""
-    stages = {}
-    for step in lineage(arm):
-        collected = manifests[step][seed].get("teacher") or {}
-        if collected:
-            stages[collected["teacher_data"]] = collected
-    tokens = [s.get("tokens") or {} for s in stages.values()]
-    return {"requests": sum(s.get("requests", 0) for s in stages.values()),
-            "prompt_tokens": sum(t.get("prompt_tokens", 0) for t in tokens),
-            "completion_tokens": sum(t.get("completion_tokens", 0) for t in tokens),
-            "cost_usd": round(sum(s.get("cost_usd", 0.0) for s in stages.values()), 6),
-            "kept": sum(s.get("kept", 0) for s in stages.values())}
-
-
-def list_price_cost(args: EvidenceArguments, prompt_tokens: int, completion_tokens: int) -> float | None:
-    """What the tokens would cost at --teacher_model's list price (the offline teacher is free; its token
-    counts are estimates, 4 characters a token); None for an unknown model."""
-    from teacher_journal import load_price_table, resolve_prices
-
-    prices = resolve_prices(args.teacher_model, load_price_table(None), None, None)
-    return round(prices.cost(prompt_tokens, completion_tokens), 6) if prices.known else None
-
-
-def summarize(args: EvidenceArguments, arms: list[str], seeds: list[int], manifests: dict[str, dict[int, dict]],
-              drivers: dict[int, ArmDriver]) -> dict:
-    splits = args.eval_splits.split(",")
-    per_arm, outcomes = {}, {}
-    for arm in arms:
-        runs = {}
-        for seed in seeds:
-            m = manifests[arm][seed]
-            use = teacher_use(manifests, arm, seed)
-            run = {split: {"acc": m["eval"][split]["acc"], "strict_acc": m["eval"][split]["strict_acc"],
-                           "total": m["eval"][split]["total"], "file": m["eval"][split]["file"]} for split in splits}
-            run.update(teacher=use, seconds=m.get("seconds", 0))
-            if arm != "student":
-                train = drivers[seed].round_dir(arm, EVIDENCE_ARMS[arm].round) / "train" / "train_summary.json"
-                run["train_steps"] = read_json(train)["steps"]
-                run["exam"] = m.get("exam")
-            runs[str(seed)] = run
-            for split in splits:
-                outcomes[(arm, seed, split)] = per_question(m["eval"][split])
-        spec = EVIDENCE_ARMS[arm]
-        per_arm[arm] = {"round": spec.round, "parent": spec.parent, "describe": spec.describe, "per_seed": runs}
-    rows = []
-    for arm in arms:
-        runs = per_arm[arm]["per_seed"]
-        row = {"arm": arm, "round": EVIDENCE_ARMS[arm].round, "seeds": len(runs)}
-        for split in splits:
-            row[split] = dict(zip(("mean", "std"), mean_std([r[split]["acc"] for r in runs.values()])))
-            row[split]["strict_mean"] = mean_std([r[split]["strict_acc"] for r in runs.values()])[0]
-        for key in ("requests", "prompt_tokens", "completion_tokens", "cost_usd", "kept"):
-            row[key] = mean_std([r["teacher"][key] for r in runs.values()])[0]
-        row["list_price_usd"] = list_price_cost(args, row["prompt_tokens"], row["completion_tokens"])
-        row["minutes"] = mean_std([r["seconds"] for r in runs.values()])[0] / 60
-        rows.append(row)
-    split = "test" if "test" in splits else splits[-1]
-    pairs = []
-    for a, b in PAIRS:
-        if a not in arms or b not in arms:
-            continue
-        qa = [outcomes[(a, s, split)] for s in seeds]
-        qb = [outcomes[(b, s, split)] for s in seeds]
-        if any(x[0] != y[0] for x, y in zip(qa, qb)):
-            raise UserError(f"{a} and {b} were evaluated on different {split} questions (another --eval_limit?)")
-        mean, low, high = paired_bootstrap(np.array([x[1] for x in qa]), np.array([y[1] for y in qb]), args.bootstrap)
-        pairs.append({"a": a, "b": b, "split": split, "diff": mean, "low": low, "high": high,
-                      "seeds": len(seeds), "questions": len(qa[0][0])})
-    return {"settings": asdict(args), "seeds": seeds, "splits": splits, "arms": per_arm, "rows": rows,
-            "pairs": pairs, "commands": stage_commands(Path(args.workdir)), "versions": versions()}
-
-
-def stage_commands(root: Path) -> list[dict]:
-    """Every stage's command, from the first line of its log (so a resumed run lists them all)."""
-    found = []
-    for log in sorted(root.rglob("log.txt")):
-        command = command_of(log)
-        if command:
-            found.append({"stage": str(log.parent.relative_to(root)), "command": command})
-    return found
-
-
-def versions() -> dict:
-    import torch
-    import transformers
-
-    def git(*argv: str) -> str | None:
-        try:
-            out = subprocess.run(["git", *argv], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=20)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return out.stdout.strip() if out.returncode == 0 else None
-
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "numpy": np.__version__, "platform": platform.platform(), "git_commit": git("rev-parse", "HEAD"),
-            "git_dirty": bool(status) if status is not None else None, "command": shlex.join([sys.executable, *sys.argv])}
-
-
-# ---------------------------------------------------------------- output
-
-def print_table(result: dict) -> None:
-    splits = result["splits"]
-    print(f"\n{len(result['seeds'])} seed(s) {', '.join(map(str, result['seeds']))}: accuracy mean +- std over seeds")
-    head = f"{'arm':<20} {'round':>5}" + "".join(f"  {s[:10] + ' acc':>19}" for s in splits) + \
-        f"  {'requests':>8}  {'tokens':>9}  {'cost($)':>8}  {'list $':>7}  {'minutes':>7}"
-    print(head)
-    for row in result["rows"]:
-        line = f"{row['arm']:<20} {row['round']:>5}"
-        line += "".join(f"  {row[s]['mean']:.4f} +- {row[s]['std']:.4f}" for s in splits)
-        price = "-" if row["list_price_usd"] is None else f"{row['list_price_usd']:.4f}"
-        line += (f"  {row['requests']:>8.0f}  {row['prompt_tokens'] + row['completion_tokens']:>9.0f}"
-                 f"  {row['cost_usd']:>8.4f}  {price:>7}  {row['minutes']:>7.1f}")
-        print(line)
-    teacher = result["settings"]["teacher_model"]
-    print(f"requests, tokens, cost: the teacher stages behind the arm's training data (mean over seeds); list $: those "
-          f"tokens at {teacher}'s list price; minutes: the arm's own round")
-    if result["pairs"]:
-        split = result["pairs"][0]["split"]
-        print(f"\npaired difference on {split} (same seed, same question), 95% bootstrap interval over seeds and questions:")
-        for p in result["pairs"]:
-            print(f"  {p['a'] + ' - ' + p['b']:<32} {p['diff']:+.4f} [{p['low']:+.4f}, {p['high']:+.4f}]"
-                  f"  ({p['seeds']} seed(s) x {p['questions']} questions)")
-    print("arms: " + "; ".join(f"{arm}: {EVIDENCE_ARMS[arm].describe}" for arm in result["arms"]))
-
-
-def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    splits = result["splits"]
-    rows = {row["arm"]: row for row in result["rows"]}
-    fig, axes = plt.subplots(1, len(splits), figsize=(5.2 * len(splits), 4.0), sharey=True, squeeze=False)
-    for ax, split in zip(axes[0], splits):
-        for k, (arm, row) in enumerate(rows.items()):
-            x = row["round"] + (k - len(rows) / 2) * 0.03  # a small shift keeps the error bars apart
-            ax.errorbar([x], [row[split]["mean"]], yerr=[row[split]["std"]], fmt="o", color=f"C{k % 10}", capsize=3,
-                        label=arm)
-            parent = EVIDENCE_ARMS[arm].parent
-            if parent in rows:
-                px = rows[parent]["round"] + (list(rows).index(parent) - len(rows) / 2) * 0.03
-                ax.plot([px, x], [rows[parent][split]["mean"], row[split]["mean"]], color=f"C{k % 10}", alpha=0.6)
-        ax.set_title(f"{split} (mean +- std over {len(result['seeds'])} seed(s))")
-        ax.set_xlabel("round")
-        ax.set_xticks([0, 1, 2])
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("accuracy (flexible)")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=min(len(labels), 4), frameon=False)
-    fig.tight_layout(rect=(0, 0.06 * ((len(labels) + 3) // 4), 1, 1))  # room for the legend below the panels
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"plot: {path}")

@@ -38,7 +38,7 @@ def inference_dtype(args) -> torch.dtype | None:
     """--fp16/--bf16 as given; with --fp16 unset, the original's float16 where it can serve (a GPU, no --bf16)."""
     import torch
 
-    from generation import torch_dtype
+    from model_loading import torch_dtype
     if args.fp16 is not None:
         return torch_dtype(args.fp16, args.bf16)
     reason = "with --bf16: bfloat16" if args.bf16 else "on CPU: float32" if distributed.device().type == "cpu" else None
@@ -70,7 +70,7 @@ def setup(args, keep: set[str] | None = None):
         if not examples:
             raise UserError(f"--hint_filter_path: none of its wrong questions is in split {args.test_on} of {task.name}")
     demos = demos_for(args, task)
-    from generation import load_model  # torch and transformers: after the flags and inputs are checked
+    from model_loading import load_model  # torch and transformers: after the flags and inputs are checked
 
     model, tokenizer = load_model(args.model_path, inference_dtype(args), args.trust_remote_code,
                                   flag="--checkpoint" if args.checkpoint else "--load", allow_pickle=args.allow_pickle,

@@ -25,10 +25,12 @@ import hf_compat
 import precision
 from args import ORIGINAL_TRAIN_DEFAULTS, as_dict, differing_defaults
 from common import UserError, atomic_write_json, check_output_dir, read_json, redact, set_seed
-from generation import (SamplingConfig, check_model_path, evaluate, load_config, load_tokenizer, load_weights,
-                        max_positions, tokenizer_source)
+from generation import SamplingConfig, evaluate
+from hf_internals import enable_checkpointing, unwrap
 from losses import LossConfig, clip_self_reflection
-from shared_step import compute_tailored_loss, enable_checkpointing, unwrap
+from model_loading import (check_model_path, load_config, load_tokenizer, load_weights, max_positions,
+                           tokenizer_source)
+from shared_step import compute_tailored_loss
 from tasks import get_task, has_validation, load_demos, load_split
 from train_data import (TailoredCollator, TailoredDataset, UniqueQuestionBatchSampler, build_train_data,
                         positions_from_mask)

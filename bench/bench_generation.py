@@ -24,8 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from generation import (STOP, SamplingConfig, build_shared_prefix, encode_ids, generate, load_model,  # noqa: E402
-                        prompt_limit)
+from generation import STOP, SamplingConfig, encode_ids, generate, prompt_limit  # noqa: E402
+from model_loading import load_model  # noqa: E402
+from prefix_cache import build_shared_prefix  # noqa: E402
 from tasks import BOUNDARY, build_prompt, get_task, load_demos, load_split  # noqa: E402
 
 

@@ -52,7 +52,8 @@ import student  # noqa: E402
 import tasks  # noqa: E402
 from losses import LossConfig  # noqa: E402
 from reference import FivePassCollator, five_pass_loss  # noqa: E402  (tests/reference.py)
-from shared_step import compute_tailored_loss, enable_checkpointing  # noqa: E402
+from hf_internals import enable_checkpointing  # noqa: E402
+from shared_step import compute_tailored_loss  # noqa: E402
 from train_data import TailoredCollator, TailoredDataset, build_train_data  # noqa: E402
 
 CONFIGS = {

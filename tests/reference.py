@@ -11,8 +11,8 @@ import torch
 from transformers import DynamicCache
 
 import losses
+from hf_internals import cache_kept, cache_kwarg, forward_params, lm_forward, output_cache
 from losses import LossConfig
-from shared_step import _forward, _forward_params, _output_cache, cache_kept
 from train_data import _pad, _triplet_parts, positions_from_mask
 
 
@@ -28,13 +28,13 @@ def five_pass_loss(model: torch.nn.Module, batch: dict, cfg: LossConfig) -> tupl
         return lm, {"lm_loss": lm.detach()}
     prefix_mask = batch["prefix_mask"]
     with torch.no_grad(), cache_kept(model):  # a checkpointed layer of some transformers drops the cache
-        prefix = _forward(model, batch["prefix_ids"], prefix_mask, positions_from_mask(prefix_mask), use_cache=True)
-    kv = [(layer.keys, layer.values) for layer in _output_cache(prefix).layers]
+        prefix = lm_forward(model, batch["prefix_ids"], prefix_mask, positions_from_mask(prefix_mask), use_cache=True)
+    kv = [(layer.keys, layer.values) for layer in output_cache(prefix).layers]
     prefix_len = prefix_mask.sum(1)
 
     def on_prefix(ids: torch.Tensor, mask: torch.Tensor):
         cache = DynamicCache(ddp_cache_data=kv)  # a fresh copy: a forward extends its cache in place
-        kwargs = {"cache" if "cache" in _forward_params(model) else "past_key_values": cache}
+        kwargs = {cache_kwarg(forward_params(model)): cache}
         with cache_kept(model):
             return model(input_ids=ids, attention_mask=torch.cat([prefix_mask, mask], 1),
                          position_ids=positions_from_mask(mask, prefix_len), use_cache=True,

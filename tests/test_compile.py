@@ -14,9 +14,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import hf_compat
-import shared_step
+import step_cache
+from hf_internals import enable_checkpointing, unwrap
 from losses import LossConfig
-from shared_step import compute_tailored_loss, enable_checkpointing, unwrap
+from shared_step import compute_tailored_loss
 from test_losses import batches, setup  # noqa: F401  (fixture)
 from trainer import bucket_batch, compile_layers
 
@@ -116,7 +117,7 @@ def watch_syncs(monkeypatch, model) -> SyncSpy:
 
     unwrap(model).register_forward_pre_hook(enter)
     unwrap(model).register_forward_hook(leave)
-    for layer_class in (shared_step._RecordingLayer, shared_step._PrefixLayer):
+    for layer_class in (step_cache._RecordingLayer, step_cache._PrefixLayer):
         def counted(self, *args, _update=layer_class.update, **kwargs):
             outer, spy.inside_model = spy.inside_model, 0
             try:

@@ -12,6 +12,7 @@ import torch
 import distributed
 import generation
 import infer
+import model_loading
 import infer_student_wrong
 import stages
 from answers import clean_choice, clean_math, clean_yesno
@@ -209,7 +210,7 @@ def test_evaluation_defaults_sample_num_and_the_acc_file(tiny_student, data_dir,
     assert stages.evaluation_result(out) == {"acc": data["accuracy"], "strict_acc": data["strict_accuracy"],
                                       "correct": data["correct"], "total": 6, "file": result["path"]}
 
-    from generation import load_tokenizer
+    from model_loading import load_tokenizer
 
     special = load_tokenizer(str(tiny_student)).all_special_ids
     assert data["gen_config"]["begin_suppress_tokens"] == special and data["gen_config"]["do_sample"] is False
@@ -250,7 +251,7 @@ def test_sample_num_is_written_for_limit_and_rounds_pass_num_return_sequences(tm
 # ---------------------------------------------------------------- 3. the suppression itself
 
 def test_decode_eos_token_keeps_eos_from_being_the_first_token(tiny_student):
-    model, tokenizer = generation.load_model(str(tiny_student))
+    model, tokenizer = model_loading.load_model(str(tiny_student))
     with torch.no_grad():
         model.lm_head.bias[tokenizer.eos_token_id] += 1000.0  # eos wins every step unless suppressed
         word = min(i for t, i in tokenizer.get_vocab().items() if t.startswith("Ġ") and t[1:].isalpha())
@@ -301,8 +302,8 @@ def test_pickled_checkpoint_needs_allow_pickle(pickled_checkpoint, tiny_student,
 
 
 def test_pickled_checkpoint_loads_with_allow_pickle(pickled_checkpoint, tiny_student, data_dir, tmp_path, capsys):
-    model, _ = generation.load_model(str(pickled_checkpoint), allow_pickle=True, tokenizer_fallback=str(tiny_student))
-    reference, _ = generation.load_model(str(tiny_student))
+    model, _ = model_loading.load_model(str(pickled_checkpoint), allow_pickle=True, tokenizer_fallback=str(tiny_student))
+    reference, _ = model_loading.load_model(str(tiny_student))
     for name, value in reference.state_dict().items():
         assert torch.equal(model.state_dict()[name], value), name
     result = run_infer(*common_flags(pickled_checkpoint, data_dir, tmp_path / "eval"), "--load", str(tiny_student),

@@ -40,7 +40,7 @@ def readme_argv(*extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def negative_setup(tmp_path_factory, tiny_student):
-    from generation import load_tokenizer
+    from model_loading import load_tokenizer
 
     ex = tasks.Example(QUESTION, "7")
     tokenizer = load_tokenizer(str(tiny_student))

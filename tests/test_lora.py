@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import hf_internals
 import shared_step
 from args import RoundsArguments, TrainArguments, parse
 from common import UserError
@@ -191,7 +192,7 @@ def test_shared_step_on_a_peft_model_equals_the_merged_model(setup, mle, cl_anch
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.normal_(std=0.2)
-    assert shared_step.unwrap(model) is model.get_base_model()
+    assert hf_internals.unwrap(model) is model.get_base_model()
     batch, _ = batches(tokenizer, features)
     cfg = LossConfig(mle=mle, contrastive=True, cl_anchor=cl_anchor)
     extra_prefix = []

@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import hf_internals  # noqa: E402
 import losses  # noqa: E402
 import student  # noqa: E402
 from common import UserError  # noqa: E402
@@ -299,7 +300,7 @@ def test_gradient_checkpointing_keeps_the_prefix_cache(setup, mle):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    assert shared_step._checkpointing(model)
+    assert hf_internals.checkpointing(model)
     checkpointed, _ = compute_tailored_loss(model, ours_batch, cfg)
     reference, _ = five_pass_loss(model, ref_batch, cfg)
     assert abs(checkpointed.item() - plain.item()) < TOL and abs(reference.item() - plain.item()) < TOL

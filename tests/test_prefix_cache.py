@@ -1,12 +1,14 @@
-"""Few-shot generation from a shared-demos KV cache (generation.SamplingConfig.prefix_cache): the same
+"""Few-shot generation from a shared-demos KV cache (prefix_cache.py, SamplingConfig.prefix_cache): the same
 texts as prefilling every row's whole prompt, and a clean fallback where prompts share nothing."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-import generation
-from generation import SamplingConfig, build_shared_prefix, encode_ids, encode_with_prefix, generate
+import model_loading
+import prefix_cache
+from generation import HFEngine, SamplingConfig, encode_ids, generate
+from prefix_cache import build_shared_prefix, encode_with_prefix
 from tasks import build_prompt, get_task, load_demos, load_split
 
 
@@ -15,7 +17,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def student(tiny_student):
-    return generation.load_model(str(tiny_student))
+    return model_loading.load_model(str(tiny_student))
 
 
 @pytest.fixture(scope="module")
@@ -49,14 +51,14 @@ def prefix_path(request, monkeypatch):
     (models whose attention goes through the registered interface, as GPT-J), or per-row copies under
     the model's own attention (the fallback)."""
     if request.param == "per-row copies":
-        monkeypatch.setattr(generation, "shares_prefix_attention", lambda model: False)
+        monkeypatch.setattr(prefix_cache, "shares_prefix_attention", lambda model: False)
     return request.param
 
 
 def test_greedy_outputs_are_identical_with_and_without_the_prefix_cache(student, fewshot_prompts, prefix_path):
     model, tokenizer = student
     attention = model.config._attn_implementation
-    if prefix_path == "shared attention" and not generation.shares_prefix_attention(model):
+    if prefix_path == "shared attention" and not prefix_cache.shares_prefix_attention(model):
         pytest.skip(f"this transformers' {type(model).__name__} has no attention interface to share the prefix through")
     ids = encode_ids(tokenizer, fewshot_prompts, 1000)
     assert build_shared_prefix(model, ids).shared_attention == (prefix_path == "shared attention")
@@ -86,12 +88,12 @@ def test_sampling_several_sequences_per_prompt_matches_under_the_same_seed(stude
 def test_the_stored_prefix_cache_is_left_unchanged_by_batches(student, fewshot_prompts):
     model, tokenizer = student
     ids = encode_ids(tokenizer, fewshot_prompts[:6], 1000)
-    prefix = build_shared_prefix(model, ids)
-    keys = [layer.keys.clone() for layer in prefix.cache.layers]
     cfg = SamplingConfig(max_new_tokens=8, num_samples=2, do_sample=True)
+    engine = HFEngine(model, tokenizer, ids, cfg)
+    prefix = engine.prefix
+    keys = [layer.keys.clone() for layer in prefix.cache.layers]
     for start in (0, 3):
-        generation._generate_batch(model, tokenizer, fewshot_prompts[start:start + 3], cfg, seed=0,
-                                   ids=ids[start:start + 3], prefix=prefix)
+        engine.complete(ids[start:start + 3], cfg, seed=0)
     assert prefix.cache.get_seq_length() == prefix.length
     assert all(torch.equal(layer.keys, k) and layer.keys.shape[0] == 1 for layer, k in zip(prefix.cache.layers, keys))
 
@@ -101,19 +103,19 @@ def test_prompts_without_a_shared_prefix_fall_back_to_whole_prompts(student):
     prompts = ["Tom has 3 apples and buys 4 more.\nReasoning:", "Seven birds sit on a wire; two fly off.\nReasoning:",
                "Question: A box holds 12 eggs.\nReasoning:"]
     ids = encode_ids(tokenizer, prompts, 1000)
-    assert generation.shared_prefix_length(ids) == 0
+    assert prefix_cache.shared_prefix_length(ids) == 0
     assert build_shared_prefix(model, ids) is None
     plain, cached = both(model, tokenizer, prompts, max_new_tokens=12, batch_size=2)
     assert cached == plain
 
 
 def test_shared_prefix_length_leaves_every_row_a_token_of_its_own():
-    assert generation.shared_prefix_length([]) == 0
-    assert generation.shared_prefix_length([[5, 6, 7]]) == 2
-    assert generation.shared_prefix_length([[5, 6, 7], [5, 6, 7]]) == 2  # identical prompts
-    assert generation.shared_prefix_length([[5, 6, 7, 8], [5, 6, 9]]) == 2
-    assert generation.shared_prefix_length([[5, 6, 7, 8], [5, 6]]) == 1
-    assert generation.shared_prefix_length([[1, 2], [3, 2]]) == 0
+    assert prefix_cache.shared_prefix_length([]) == 0
+    assert prefix_cache.shared_prefix_length([[5, 6, 7]]) == 2
+    assert prefix_cache.shared_prefix_length([[5, 6, 7], [5, 6, 7]]) == 2  # identical prompts
+    assert prefix_cache.shared_prefix_length([[5, 6, 7, 8], [5, 6, 9]]) == 2
+    assert prefix_cache.shared_prefix_length([[5, 6, 7, 8], [5, 6]]) == 1
+    assert prefix_cache.shared_prefix_length([[1, 2], [3, 2]]) == 0
 
 
 def test_identical_and_overlong_prompts_still_match(student, fewshot_prompts):
@@ -133,7 +135,7 @@ def test_buffered_layer_holds_what_a_dynamic_layer_holds_and_grows_past_its_room
 
     torch.manual_seed(0)
     prefix, steps = torch.randn(1, 2, 5, 4), [torch.randn(3, 2, n, 4) for n in (2, 1, 1, 4)]
-    dynamic, buffered = DynamicLayer(), generation.BufferedLayer(prefix.expand(3, -1, -1, -1), prefix.expand(3, -1, -1, -1), 3)
+    dynamic, buffered = DynamicLayer(), prefix_cache.BufferedLayer(prefix.expand(3, -1, -1, -1), prefix.expand(3, -1, -1, -1), 3)
     dynamic.update(prefix.expand(3, -1, -1, -1), prefix.expand(3, -1, -1, -1))
     for step in steps:  # 2 + 1 fill the room of 3; 1 and 4 more grow the buffer
         assert all(torch.equal(a, b) for a, b in zip(buffered.update(step, -step), dynamic.update(step, -step)))
@@ -150,7 +152,7 @@ def test_shared_prefix_attention_equals_sdpa_over_whole_rows(kv_heads):
     torch.manual_seed(0)
     rows, heads, prefix_len, own_len, queries, dim = 3, 4, 7, 5, 3, 8
     prefix_k, prefix_v = torch.randn(1, kv_heads, prefix_len, dim), torch.randn(1, kv_heads, prefix_len, dim)
-    layer = generation.SharedPrefixLayer(prefix_k, prefix_v, rows, room=4)
+    layer = prefix_cache.SharedPrefixLayer(prefix_k, prefix_v, rows, room=4)
     own_k, own_v = layer.update(torch.randn(rows, kv_heads, own_len, dim), torch.randn(rows, kv_heads, own_len, dim))
     assert layer.get_seq_length() == prefix_len + own_len
     query = torch.randn(rows, heads, queries, dim)
@@ -161,12 +163,12 @@ def test_shared_prefix_attention_equals_sdpa_over_whole_rows(kv_heads):
     class Cache:
         layers = [layer]
 
-    token = generation._active_cache.set(Cache())
+    token = prefix_cache._active_cache.set(Cache())
     try:
-        out, _ = generation.shared_prefix_attention(type("Attention", (), {"layer_idx": 0})(), query, own_k, own_v,
+        out, _ = prefix_cache.shared_prefix_attention(type("Attention", (), {"layer_idx": 0})(), query, own_k, own_v,
                                                     mask, scaling=dim ** -0.5)
     finally:
-        generation._active_cache.reset(token)
+        prefix_cache._active_cache.reset(token)
     full_k = torch.cat([prefix_k.expand(rows, -1, -1, -1), own_k], 2).repeat_interleave(heads // kv_heads, 1)
     full_v = torch.cat([prefix_v.expand(rows, -1, -1, -1), own_v], 2).repeat_interleave(heads // kv_heads, 1)
     expected = torch.nn.functional.scaled_dot_product_attention(query, full_k, full_v, attn_mask=mask)

@@ -11,14 +11,16 @@ import types
 import pytest
 import torch
 from transformers import GPTJForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 import shared_step
 import trainer
 from args import TrainArguments, parse
 from common import UserError
 from conftest import run_script
+from hf_internals import enable_checkpointing
 from losses import MLE_MODES, LossConfig, chunked_lm_loss, liger_lm_loss, weighted_lm_loss
-from shared_step import compute_tailored_loss, enable_checkpointing
+from shared_step import compute_tailored_loss
 from test_losses import batches, gradients, make_model, setup  # noqa: F401  (fixtures)
 from precision import MasterWeightAdamW
 from trainer import attention_implementation, bucket_batch, compile_layers
@@ -135,7 +137,7 @@ def head_calls(model) -> list[int]:
 def attention_calls(model) -> list[bool]:
     """One entry per call of the first layer's attention (replays in backward included): grad enabled?"""
     calls = []
-    layer = next(m for m in model.modules() if isinstance(m, shared_step.GradientCheckpointingLayer))
+    layer = next(m for m in model.modules() if isinstance(m, GradientCheckpointingLayer))
     attention = getattr(layer, "attn", None) or layer.self_attn
     attention.register_forward_hook(lambda m, a, out: calls.append(torch.is_grad_enabled()))
     return calls

@@ -12,6 +12,7 @@ import time
 import pytest
 
 import stage_process
+import warm_stage
 from conftest import ROOT, run_script
 from stage_process import StageFailed, run_command, run_jobs
 
@@ -24,9 +25,9 @@ def in_repo_root(monkeypatch):
 def test_a_forked_stage_is_the_script_run_by_hand(tmp_path):
     """A repo script runs in a fork (same exit code, same error line, output in the log), anything else
     as a subprocess; LTR_FRESH_STAGES=1 turns the fork off."""
-    assert stage_process.is_repo_script([sys.executable, "query_teacher.py", "--help"])
-    assert not stage_process.is_repo_script([sys.executable, "-c", "print(1)"])
-    assert not stage_process.is_repo_script(["torchrun", "run_trainer.py"])
+    assert warm_stage.is_repo_script([sys.executable, "query_teacher.py", "--help"])
+    assert not warm_stage.is_repo_script([sys.executable, "-c", "print(1)"])
+    assert not warm_stage.is_repo_script(["torchrun", "run_trainer.py"])
     log = tmp_path / "bad" / "log.txt"
     with pytest.raises(StageFailed, match=r"query_teacher.py failed \(exit 2\): argument --mode: invalid choice"):
         run_command([sys.executable, "query_teacher.py", "--mode", "nope"], log)
@@ -66,6 +67,7 @@ def test_a_process_that_ran_multithreaded_ops_starts_stages_that_do_not_hang(tmp
     probe = tmp_path / "probe.py"
     probe.write_text(f"""import os, sys
 sys.path.insert(0, {str(ROOT)!r})
+import warm_stage
 import stage_process
 from pathlib import Path
 if sys.argv[1] == "used":
@@ -74,7 +76,7 @@ if sys.argv[1] == "used":
     (torch.ones(600, 600) @ torch.ones(600, 600)).sum()
 stage_process.run_command([sys.executable, {str(stage)!r}], Path(sys.argv[2]))
 import torch
-print("driver threads", torch.get_num_threads(), "forked", stage_process._fork_safe, "pid", os.getpid())
+print("driver threads", torch.get_num_threads(), "forked", warm_stage._fork_safe, "pid", os.getpid())
 """)
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     for case in ("used", "driver"):
@@ -146,8 +148,8 @@ def test_a_forked_stage_takes_a_new_thread_share_while_it_runs(tmp_path):
                       "deadline = time.time() + 20\n"
                       "while torch.get_num_threads() != 2 and time.time() < deadline:\n    time.sleep(0.01)\n"
                       "print('later', torch.get_num_threads(), flush=True)\n")
-    stage_process.preload()
-    stage = stage_process.ForkedStage([sys.executable, str(script)], threads=1)
+    warm_stage.preload()
+    stage = warm_stage.ForkedStage([sys.executable, str(script)], threads=1)
     time.sleep(0.5)
     stage.set_threads(2)
     output = stage.stdout.read().decode()

@@ -262,7 +262,7 @@ def command_of(log: Path) -> str | None:
 # ---------------------------------------------------------------- warm stages (fork of the driver)
 
 # What a stage process spends its start-up importing; the driver imports it once, before its first fork.
-PRELOAD = ("torch", "transformers", "generation", "trainer", "transformers.models.gptj.modeling_gptj",
+PRELOAD = ("torch", "transformers", "generation", "train_setup", "transformers.models.gptj.modeling_gptj",
            "transformers.models.llama.modeling_llama")
 _preloaded = False
 

@@ -17,8 +17,8 @@ import hf_compat
 import shared_step
 from losses import LossConfig
 from shared_step import compute_tailored_loss, enable_checkpointing, unwrap
+from speed import bucket_batch, compile_layers
 from test_losses import batches, setup  # noqa: F401  (fixture)
-from trainer import bucket_batch, compile_layers
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

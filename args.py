@@ -342,7 +342,7 @@ class TrainArguments(ModelArguments, DataArguments, LoraArguments, LossArguments
     """Flags of the original README's training command, with its defaults (SPEC §5).
 
     Fields named like a `transformers.TrainingArguments` field are handed to it as they are
-    (trainer.training_arguments); the original's short flags (--lr, --epoch, --train_bsz, ...) are
+    (train_setup.training_arguments); the original's short flags (--lr, --epoch, --train_bsz, ...) are
     aliases of those names."""
     BOUNDS: ClassVar[dict] = {
         "per_device_eval_batch_size": ">=1", "gradient_accumulation_steps": ">=1", "weight_decay": ">=0", "max_length": ">=2",

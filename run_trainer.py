@@ -12,7 +12,7 @@ import distributed
 from args import TrainArguments
 
 
-main = distributed.script_main(TrainArguments, "trainer:run_training", relaunch=True)
+main = distributed.script_main(TrainArguments, "train_setup:run_training", relaunch=True)
 
 if __name__ == "__main__":
     main()

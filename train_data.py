@@ -437,7 +437,7 @@ class TailoredCollator:
         triplet_rows                (N,)  long: the rows with a triplet (row 0 alone when none has)
         longest_anchor, longest_pair  ints: the longest continuation, and positive or negative, of those rows
     and `lm_target_counts` (losses.lm_target_counts). The ints are sizes the step needs on the host: read
-    from the device, each would stall it (`trainer.bucket_batch`'s padding leaves them unchanged).
+    from the device, each would stall it (`speed.bucket_batch`'s padding leaves them unchanged).
     """
     pad_token_id: int
     eos_token_id: int

@@ -38,7 +38,7 @@ def die_with_parent():
 
 
 # What a stage process spends its start-up importing; the driver imports it once, before its first fork.
-PRELOAD = ("torch", "transformers", "generation", "trainer", "transformers.models.gptj.modeling_gptj",
+PRELOAD = ("torch", "transformers", "generation", "train_setup", "transformers.models.gptj.modeling_gptj",
            "transformers.models.llama.modeling_llama")
 _preloaded = False
 _fork_safe = False

@@ -70,7 +70,7 @@ from hf_internals import enable_checkpointing  # noqa: E402
 from shared_step import compute_tailored_loss  # noqa: E402
 from train_data import TailoredCollator, TailoredDataset, UniqueQuestionBatchSampler, build_train_data  # noqa: E402
 from precision import MasterWeightAdamW  # noqa: E402
-from trainer import bucket_batch, compile_layers  # noqa: E402
+from speed import bucket_batch, compile_layers  # noqa: E402
 
 ARCHS = {
     "llama": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=24, num_attention_heads=16,

@@ -18,8 +18,8 @@ import step_cache
 from hf_internals import enable_checkpointing, unwrap
 from losses import LossConfig
 from shared_step import compute_tailored_loss
+from speed import bucket_batch, compile_layers
 from test_losses import batches, setup  # noqa: F401  (fixture)
-from trainer import bucket_batch, compile_layers
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -18,8 +18,9 @@ from common import UserError
 from conftest import ROOT, run_script
 from distributed import torchrun_flags
 from losses import LossConfig, clip_self_reflection
-from trainer import WARMUP_LOG, check_resume, deepspeed_config, sample_teacher_rows, training_arguments, warmup_log_factor
 from train_data import build_train_data
+from train_setup import check_resume, deepspeed_config, sample_teacher_rows, training_arguments
+from trainer import WARMUP_LOG, warmup_log_factor
 
 WORDMATH = tasks.get_task("wordmath")
 QUESTION = "Tom has 3 apples and buys 4 more. How many apples does he have?"

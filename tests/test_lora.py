@@ -15,10 +15,10 @@ import shared_step
 from args import RoundsArguments, TrainArguments, parse
 from common import UserError
 from conftest import run_script
+from lora import add_lora, lora_layers, lora_targets, merge_lora_state
 from losses import LossConfig
 from shared_step import compute_tailored_loss
 from test_losses import TOL, batches, make_model, setup  # noqa: F401  (setup: a module fixture)
-from trainer import add_lora, lora_layers, lora_targets, merge_lora_state
 
 GPTJ_TARGETS = ["k_proj", "v_proj", "q_proj", "out_proj"]
 LAYER = "transformer.h.0.attn.q_proj"  # a target layer of the tiny GPT-J checked by hand

@@ -31,14 +31,14 @@ def saved_as(student, dtype: torch.dtype, out):
 
 def train(start, data_dir, teacher_files, out, *extra: str, capsys=None) -> dict[str, torch.Tensor]:
     """Four steps at the paper's learning rate, in this process; the weights' change per tensor."""
-    import trainer
+    import train_setup
 
     teacher, negatives = teacher_files
     args = parse(TrainArguments, [
         "--task", "wordmath", "--data_dir", str(data_dir), "--load", str(start), "--teacher_data", str(teacher),
         "--train_bsz", "4", "--lr", "7e-6", "--warmup_steps", "0", "--lr_scheduler_type", "constant",
         "--max_steps", "4", "--save_strategy", "no", "--weight_decay", "0", "--output_dir", str(out), *extra])
-    trainer.run_training(args)
+    train_setup.run_training(args)
     before = {k: v.float() for k, v in load_file(str(start / "model.safetensors")).items()}
     after = load_file(str(out / "final" / "model.safetensors"))
     return {k: after[k].float() - before[k] for k in before}

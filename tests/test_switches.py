@@ -3,6 +3,7 @@
 gradients) of the plain path. Small random-init GPT-J and Llama, as in test_losses.py."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import sys
@@ -14,16 +15,15 @@ from transformers import GPTJForCausalLM, LlamaConfig, LlamaForCausalLM
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 import shared_step
-import trainer
 from args import TrainArguments, parse
 from common import UserError
 from conftest import run_script
 from hf_internals import enable_checkpointing
 from losses import MLE_MODES, LossConfig, chunked_lm_loss, liger_lm_loss, weighted_lm_loss
 from shared_step import compute_tailored_loss
+from speed import attention_implementation, bucket_batch, check_switches, compile_layers
 from test_losses import batches, gradients, make_model, setup  # noqa: F401  (fixtures)
 from precision import MasterWeightAdamW
-from trainer import attention_implementation, bucket_batch, compile_layers
 
 # tiny models: one intra-op thread (conftest.one_torch_thread)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -252,13 +252,13 @@ def test_sdpa_and_eager_attention_give_the_same_loss(setup):
 
 def test_missing_packages_and_bad_switches_are_one_line_errors():
     args = parse(TrainArguments, ["--attn_implementation", "flash_attention_2"])
-    if not trainer.importlib.util.find_spec("flash_attn"):
+    if not importlib.util.find_spec("flash_attn"):
         with pytest.raises(UserError, match="needs the flash-attn package"):
-            trainer.check_switches(args, None)
+            check_switches(args, None)
     args = parse(TrainArguments, ["--lm_loss_impl", "liger"])
-    if not trainer.importlib.util.find_spec("liger_kernel"):
+    if not importlib.util.find_spec("liger_kernel"):
         with pytest.raises(UserError, match="needs liger-kernel"):
-            trainer.check_switches(args, None)
+            check_switches(args, None)
     with pytest.raises(UserError, match="argument --attn_implementation.*: invalid choice: .fast."):
         parse(TrainArguments, ["--attn_implementation", "fast"])
     with pytest.raises(UserError, match="--optim: unknown optimizer"):

@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 
 import student
-from args import StudentArguments, parse
+from args import StudentArguments
 from common import UserError, atomic_write_json, cli_main, set_seed
+from flags import parse
 from tasks import PROMPT_FORMAT, build_prompt, continuation, get_task, load_split
 
 

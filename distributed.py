@@ -181,7 +181,7 @@ def script_main(arguments_class, run: str, relaunch: bool = False) -> Callable[[
     (`relaunch`: under torchrun when --device names several ids), then import `run` ("module:function")
     and call it with the flags. Bad input ends in one `error:` line, exit 2. The run's module (torch,
     transformers, the model code) is imported only after the devices are set."""
-    from args import device_list, parse
+    from flags import device_list, parse
     from common import cli_main
 
     @cli_main

@@ -25,9 +25,9 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from args import EvidenceArguments
 from arms import EVIDENCE_ARMS
 from common import UserError, atomic_write_json, read_json
+from driver_args import EvidenceArguments
 from evidence_report import plot, print_table, summarize
 from rounds import RoundDriver
 from stage_process import run_jobs, say

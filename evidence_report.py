@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from args import EvidenceArguments
 from arms import EVIDENCE_ARMS
 from common import UserError, read_json
+from driver_args import EvidenceArguments
 from stage_process import command_of
 
 # The full method against each ablation, then the two round-1 comparisons of the self-reflection term.

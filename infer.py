@@ -13,11 +13,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import distributed
-from args import InferArguments, as_dict
+from args import InferArguments
 from common import UserError, atomic_write_json, check_output_dir, looks_local, read_json, redact, set_seed
+from flags import as_dict
 from tasks import add_hints, build_prompt, get_task, load_demos, load_split
+
+if TYPE_CHECKING:  # torch is imported after the flags are checked
+    import torch
 
 
 def default_output_dir(args, stage: str) -> str:

@@ -12,8 +12,9 @@ import time
 from pathlib import Path
 
 import distributed
-from args import ExamArguments, as_dict
+from args import ExamArguments
 from common import atomic_write_json, atomic_write_jsonl, check_output_dir, redact
+from flags import as_dict
 from infer import default_output_dir, setup
 from tasks import build_prompt, grade
 

@@ -14,8 +14,9 @@ import json
 from pathlib import Path
 
 import wordmath
-from args import PrepareArguments, parse
+from args import PrepareArguments
 from common import UserError, atomic_write_jsonl, cli_main
+from flags import parse
 
 
 def wordmath_splits(args: PrepareArguments) -> dict[str, list[dict]]:

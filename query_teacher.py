@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 
 import args
+import flags
 import teacher
 from common import cli_main
 
@@ -17,7 +18,7 @@ from common import cli_main
 @cli_main
 def main() -> None:
     try:
-        teacher.run_collection(args.parse(args.TeacherArguments))
+        teacher.run_collection(flags.parse(args.TeacherArguments))
     except teacher.CollectionFailed as err:  # not bad input (exit 2): the run itself failed
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(1)

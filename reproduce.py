@@ -14,10 +14,11 @@ import sys
 from dataclasses import fields
 
 import evidence
-from args import EvidenceArguments, flags_of, parse
 from common import cli_main
-from stage_process import driver_exits
+from driver_args import EvidenceArguments
+from flags import flags_of, parse
 from run_rounds import check_learning_rate, prepare_embedded
+from stage_process import driver_exits
 
 
 def apply_quick(args: EvidenceArguments, argv: list[str]) -> None:

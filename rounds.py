@@ -19,8 +19,8 @@ from dataclasses import fields
 from pathlib import Path
 
 from arms import DRIVER_ARMS
-from args import to_argv
 from common import UserError, atomic_write_json, read_json
+from flags import to_argv
 from stage_process import run_command, run_jobs, say, stage_lock
 from stages import EVALUATION, EXAM, TEACHER, TRAINING, Stage
 

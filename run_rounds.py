@@ -15,11 +15,12 @@ import json
 import sys
 from pathlib import Path
 
-from args import RoundsArguments, parse
 from common import UserError, cli_main
-from tasks import PROMPT_FORMAT
+from driver_args import RoundsArguments
+from flags import parse
 from rounds import RoundDriver
 from stage_process import driver_exits, run_command
+from tasks import PROMPT_FORMAT
 
 EMBEDDED_TASKS = ("wordmath", "gsm_symbolic")
 EMBEDDED_STUDENT = "checkpoints/wordmath-student"

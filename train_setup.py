@@ -17,8 +17,9 @@ from transformers import TrainingArguments
 import distributed
 import hf_compat
 import precision
-from args import ORIGINAL_TRAIN_DEFAULTS, as_dict, differing_defaults
+from args import ORIGINAL_TRAIN_DEFAULTS
 from common import UserError, atomic_write_json, check_output_dir, read_json, redact, set_seed
+from flags import as_dict, differing_defaults
 from generation import SamplingConfig
 from hf_internals import enable_checkpointing
 from lora import ADAPTER_DIR, add_lora, check_lora_deepspeed, save_lora

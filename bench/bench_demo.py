@@ -50,7 +50,7 @@ def main() -> None:
     argv = [sys.executable, "run_rounds.py", "--workdir", str(workdir)]
     started = time.time()
     if args.fresh_student:  # what run_rounds.py runs first on a new clone, into the workdir instead of checkpoints/
-        from args import RoundsArguments
+        from driver_args import RoundsArguments
 
         defaults = RoundsArguments()
         build = [sys.executable, "build_student.py", "--out", str(workdir / "student"), "--warm_steps", str(defaults.warm_steps)]

@@ -27,6 +27,8 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import args as args_mod  # noqa: E402
+
+import flags  # noqa: E402
 import teacher  # noqa: E402
 import wordmath  # noqa: E402
 
@@ -53,7 +55,7 @@ def run(url: str, data_dir: Path, out: Path, concurrency: int) -> tuple[float, d
             "--base_url", url, "--concurrency", str(concurrency), "--num_samples", "2"]
     started = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        summary = teacher.run_collection(args_mod.parse(args_mod.TeacherArguments, argv))
+        summary = teacher.run_collection(flags.parse(args_mod.TeacherArguments, argv))
     return time.perf_counter() - started, summary
 
 

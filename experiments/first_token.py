@@ -17,9 +17,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model_loading import load_model  # noqa: E402
+from args import InferArguments  # noqa: E402
+from flags import parse  # noqa: E402
 from infer import demos_for  # noqa: E402
-from args import InferArguments, parse  # noqa: E402
+from model_loading import load_model  # noqa: E402
 from tasks import build_prompt, get_task, load_split  # noqa: E402
 
 

@@ -12,13 +12,15 @@ import torch
 import distributed
 import generation
 import infer
-import model_loading
 import infer_student_wrong
+import model_loading
 import stages
 from answers import clean_choice, clean_math, clean_yesno
-from args import ExamArguments, InferArguments, RoundsArguments, parse, to_argv
+from args import ExamArguments, InferArguments
 from common import UserError
 from conftest import run_script
+from driver_args import RoundsArguments
+from flags import parse, to_argv
 from tasks import Example, add_hints, build_prompt, format_demos, get_task, load_split
 
 

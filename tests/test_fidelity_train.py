@@ -13,10 +13,11 @@ import pytest
 import torch
 
 import tasks
-from args import TrainArguments, parse
+from args import TrainArguments
 from common import UserError
 from conftest import ROOT, run_script
 from distributed import torchrun_flags
+from flags import parse
 from losses import LossConfig, clip_self_reflection
 from train_data import build_train_data
 from train_setup import check_resume, deepspeed_config, sample_teacher_rows, training_arguments
@@ -243,7 +244,8 @@ def test_resume_from_a_checkpoint_path(tiny_student, data_dir, teacher_files, tm
 
 
 def test_defaults_that_differ_from_the_original_are_named():
-    from args import ORIGINAL_TRAIN_DEFAULTS, differing_defaults
+    from args import ORIGINAL_TRAIN_DEFAULTS
+    from flags import differing_defaults
 
     assert differing_defaults(parse(TrainArguments, readme_argv()), ORIGINAL_TRAIN_DEFAULTS, readme_argv()) == \
         ["--eval_bsz 16 (original: 4)"]  # the README sets every other one itself

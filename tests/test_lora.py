@@ -12,9 +12,11 @@ import torch
 
 import hf_internals
 import shared_step
-from args import RoundsArguments, TrainArguments, parse
+from args import TrainArguments
 from common import UserError
 from conftest import run_script
+from driver_args import RoundsArguments
+from flags import parse
 from lora import add_lora, lora_layers, lora_targets, merge_lora_state
 from losses import LossConfig
 from shared_step import compute_tailored_loss

@@ -12,8 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 import precision
-from args import TrainArguments, parse
+from args import TrainArguments
 from conftest import ROOT
+from flags import parse
 from precision import MasterWeightAdamW, element_groups, memory_plan
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -113,6 +113,7 @@ def test_arms_bring_the_arms_they_build_on():
 
 def test_untailored_draw_is_seeded_in_split_order_and_annotate_only(tmp_path):
     import args as args_mod
+    import flags
     import tasks
     import teacher
     import wordmath
@@ -124,7 +125,7 @@ def test_untailored_draw_is_seeded_in_split_order_and_annotate_only(tmp_path):
     order = [ex.question for ex in tasks.load_split("wordmath", "train", str(data_dir))]
 
     def asked(seed: int, out: str) -> list[str]:
-        summary = teacher.run_collection(args_mod.parse(args_mod.TeacherArguments, [
+        summary = teacher.run_collection(flags.parse(args_mod.TeacherArguments, [
             "--task", "wordmath", "--data_dir", str(data_dir), "--backend", "offline", "--random_questions", "7",
             "--seed", str(seed), "--output_dir", str(tmp_path / out)]))
         assert summary["questions_asked"] == 7 and summary["requests"]["total"] == 7
@@ -133,10 +134,10 @@ def test_untailored_draw_is_seeded_in_split_order_and_annotate_only(tmp_path):
     first = asked(1, "a")
     assert first == sorted(first, key=order.index) and asked(1, "b") == first and asked(2, "c") != first
     with pytest.raises(UserError, match="--random_questions 31: the split has only 30"):
-        teacher.run_collection(args_mod.parse(args_mod.TeacherArguments, [
+        teacher.run_collection(flags.parse(args_mod.TeacherArguments, [
             "--task", "wordmath", "--data_dir", str(data_dir), "--backend", "offline", "--random_questions", "31",
             "--output_dir", str(tmp_path / "d")]))
     assert not (tmp_path / "d").exists()
     with pytest.raises(UserError, match="--random_questions .* needs --mode annotate"):
-        args_mod.parse(args_mod.TeacherArguments, ["--mode", "feedback", "--student_wrong", "w.json",
+        flags.parse(args_mod.TeacherArguments, ["--mode", "feedback", "--student_wrong", "w.json",
                                                    "--random_questions", "3"])

@@ -89,7 +89,9 @@ def test_stage_commands_parse_back_into_each_scripts_arguments(tmp_path):
     to pass arrives, under the original's short flags, and a wrong name fails before anything runs."""
     import pytest
 
-    from args import ExamArguments, InferArguments, RoundsArguments, TeacherArguments, TrainArguments, parse
+    from args import ExamArguments, InferArguments, TeacherArguments, TrainArguments
+    from driver_args import RoundsArguments
+    from flags import parse
     from rounds import RoundDriver
 
     driver = RoundDriver(parse(RoundsArguments, [

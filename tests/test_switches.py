@@ -15,15 +15,16 @@ from transformers import GPTJForCausalLM, LlamaConfig, LlamaForCausalLM
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 import shared_step
-from args import TrainArguments, parse
+from args import TrainArguments
 from common import UserError
 from conftest import run_script
+from flags import parse
 from hf_internals import enable_checkpointing
 from losses import MLE_MODES, LossConfig, chunked_lm_loss, liger_lm_loss, weighted_lm_loss
+from precision import MasterWeightAdamW
 from shared_step import compute_tailored_loss
 from speed import attention_implementation, bucket_batch, check_switches, compile_layers
 from test_losses import batches, gradients, make_model, setup  # noqa: F401  (fixtures)
-from precision import MasterWeightAdamW
 
 # tiny models: one intra-op thread (conftest.one_torch_thread)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -15,9 +15,11 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import args as args_mod  # noqa: E402
+
+import flags  # noqa: E402
 import query_teacher  # noqa: E402
-import tasks  # noqa: E402
 import stages  # noqa: E402
+import tasks  # noqa: E402
 import teacher  # noqa: E402
 import teacher_backends  # noqa: E402
 import teacher_collect  # noqa: E402
@@ -50,7 +52,7 @@ def openai_argv(server: FakeOpenAIServer, data_dir: Path, out: Path, *extra: str
 
 
 def collect(argv: list[str]) -> dict:
-    return teacher.run_collection(args_mod.parse(args_mod.TeacherArguments, argv))
+    return teacher.run_collection(flags.parse(args_mod.TeacherArguments, argv))
 
 
 def read_data(out: Path) -> dict:

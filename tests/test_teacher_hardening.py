@@ -19,11 +19,13 @@ from fake_openai_server import FakeOpenAIServer
 from test_teacher import ROOT, SECRET, collect, journal_lines, make_data_dir, openai_argv, read_data, teacher_argv
 
 import args as args_mod  # noqa: E402
+import driver_args  # noqa: E402
 import query_teacher  # noqa: E402
-import tasks  # noqa: E402
 import stages  # noqa: E402
+import tasks  # noqa: E402
 import teacher  # noqa: E402
 from common import UserError  # noqa: E402
+from flags import parse  # noqa: E402
 from teacher_templates import render  # noqa: E402
 
 BIG = 2 ** 53 + 1  # the first integer a float cannot hold
@@ -135,7 +137,7 @@ def test_round_driver_builds_teacher_arguments_that_check_themselves():
 ])
 def test_round_driver_rejects_bad_teacher_settings_up_front(tmp_path, flags, names):
     with pytest.raises(UserError, match=names):
-        args_mod.parse(args_mod.RoundsArguments, ["--workdir", str(tmp_path / "w"), *flags])
+        parse(driver_args.RoundsArguments, ["--workdir", str(tmp_path / "w"), *flags])
 
 
 def test_bad_openai_base_url_from_the_environment(tmp_path, data, monkeypatch, capsys):

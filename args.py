@@ -160,7 +160,8 @@ class LossArguments:
     contrastive: bool = field(default=False, metadata={"help": "Add the self-reflection triplet loss."})
     cl_loss: str = field(default="triplet", metadata={"help": "Self-reflection loss (losses.CONTRAST_LOSSES): triplet, the original's; "
                                                               "simpo or orpo: a reference-free preference of the teacher's rationale over "
-                                                              "the student's mistake, on their length-normalised log-probs."})
+                                                              "the student's mistake, on their length-normalised log-probs; "
+                                                              "dpo: DPO against the frozen starting model, on summed log-probs."})
     cl_ratio: float = field(default=0.5, metadata={"help": "Weight of the self-reflection loss."})
     cl_p: float = field(default=1.0, metadata={"help": "Triplet margin."})
     cl_repr: ReprMode = field(default="last", metadata={"help": "Sequence representation: last (last token) or pool (mean)."})
@@ -175,7 +176,7 @@ class LossArguments:
                                                                        "liger (liger-kernel's fused linear cross-entropy, if installed), "
                                                                        "or auto: chunked on a GPU, logits on a CPU."})
     lm_loss_chunk: int = field(default=4096, metadata={"help": "--lm_loss_impl chunked: target positions per chunk."})
-    cl_beta: float = field(default=2.0, metadata={"help": "--cl_loss simpo: beta, the scale of the log-prob difference (the SimPO paper's 2.0)."})
+    cl_beta: float = field(default=2.0, metadata={"help": "--cl_loss simpo or dpo: beta, the scale of the log-prob difference (the SimPO paper's 2.0)."})
     cl_gamma: float = field(default=1.0, metadata={"help": "--cl_loss simpo: gamma, the target margin (the SimPO paper's gamma / beta = 0.5)."})
 
 

@@ -6,7 +6,7 @@ rationale (positive) and the student's own mistake (negative).
 loss named by `--cl_loss` comes from `CONTRAST_LOSSES`. Adding one is a function here, an entry
 in that table, and its flags (a field of `args.LossArguments`, which `LossConfig` is).
 A loss that needs the continuations' token log-probs says so (`needs_logprobs`): the shared step
-then also returns them.
+then also returns them; one that also needs them under the frozen starting model says `needs_reference`.
 
 `LossConfig` is the one place where loss settings are checked.
 """
@@ -53,6 +53,10 @@ class LossConfig(LossArguments):
     @property
     def needs_logprobs(self) -> bool:
         return self.contrastive and CONTRAST_LOSSES[self.cl_loss].needs_logprobs
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.contrastive and CONTRAST_LOSSES[self.cl_loss].needs_reference
 
 
 def check_choice(flag: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -227,21 +231,24 @@ class ContrastInputs:
     negative_logprobs: torch.Tensor | None = None
     positive_mask: torch.Tensor | None = None      # (N, K) real continuation tokens
     negative_mask: torch.Tensor | None = None
+    reference_positive_logprobs: torch.Tensor | None = None  # (N, K) the same, under the frozen reference model
+    reference_negative_logprobs: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
 class ContrastLoss:
     fn: Callable[[ContrastInputs, LossConfig], torch.Tensor]  # unscaled; the step multiplies by cl_ratio
     needs_logprobs: bool = False
+    needs_reference: bool = False  # also the reference model's token log-probs (implies needs_logprobs)
 
 
 def triplet_term(x: ContrastInputs, cfg: LossConfig) -> torch.Tensor:
     return triplet_loss(x.anchor, x.positive, x.negative, x.row_mask, cfg.cl_p)
 
 
-# ---------------------------------------------------------------- preference losses (reference-free)
-# The teacher's rationale is the chosen answer, the student's mistake the rejected one. No reference
-# model: DPO would need a second, frozen copy of the round's starting checkpoint run on every pair.
+# ---------------------------------------------------------------- preference losses
+# The teacher's rationale is the chosen answer, the student's mistake the rejected one. SimPO and ORPO
+# need no reference model; DPO reads a frozen copy of the run's starting weights (needs_reference).
 
 def sequence_logprob(logprobs: torch.Tensor, mask: torch.Tensor, average: bool = True) -> torch.Tensor:
     """(N,) log-probability of each continuation from its (N, K) token log-probs: the sum over real
@@ -289,8 +296,23 @@ def orpo_term(x: ContrastInputs, cfg: LossConfig) -> torch.Tensor:
     return orpo_loss(*_pair_logprobs(x), x.row_mask)
 
 
+def dpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
+             row_mask: torch.Tensor, beta: float = 2.0) -> torch.Tensor:
+    """DPO (Rafailov et al., 2023): masked mean of -log sigmoid(beta * ((chosen - ref_chosen) - (rejected -
+    ref_rejected))), on summed log-probs; log 2 while the policy is the reference."""
+    return masked_row_mean(F.softplus(-beta * ((chosen - ref_chosen) - (rejected - ref_rejected))), row_mask)
+
+
+def dpo_term(x: ContrastInputs, cfg: LossConfig) -> torch.Tensor:
+    summed = [sequence_logprob(lp, mask, average=False) for lp, mask in
+              ((x.positive_logprobs, x.positive_mask), (x.negative_logprobs, x.negative_mask),
+               (x.reference_positive_logprobs, x.positive_mask), (x.reference_negative_logprobs, x.negative_mask))]
+    return dpo_loss(*summed, x.row_mask, cfg.cl_beta)
+
+
 CONTRAST_LOSSES: dict[str, ContrastLoss] = {
     "triplet": ContrastLoss(triplet_term),
     "simpo": ContrastLoss(simpo_term, needs_logprobs=True),
     "orpo": ContrastLoss(orpo_term, needs_logprobs=True),
+    "dpo": ContrastLoss(dpo_term, needs_logprobs=True, needs_reference=True),
 }

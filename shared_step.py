@@ -175,8 +175,26 @@ def _contrast_inputs(hidden: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor
     return inputs
 
 
-def compute_tailored_loss(model: torch.nn.Module, batch: dict, cfg: LossConfig) -> tuple[torch.Tensor, dict]:
+def reference_logprobs(reference: torch.nn.Module, batch: dict, rows: torch.Tensor | None,
+                       columns: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positive, negative) token log-probs, (N, columns), of `rows` (None: every row) under the frozen reference
+    model: one forward without grad over [prefix | positive] and [prefix | negative], no cache."""
+    prefix_ids, width = batch["prefix_ids"], batch["prefix_ids"].shape[1]
+    rows = torch.arange(prefix_ids.shape[0], device=prefix_ids.device) if rows is None else rows
+    pairs = torch.stack([2 * rows, 2 * rows + 1], 1).flatten()
+    ids, mask = batch["contrast_ids"][pairs], batch["contrast_mask"][pairs]
+    prefix = [t[rows, :width].repeat_interleave(2, 0) for t in (prefix_ids, batch["prefix_mask"], batch["position_ids"])]
+    with torch.no_grad():
+        logits = lm_forward(reference, torch.cat([prefix[0], ids], 1), torch.cat([prefix[1], mask], 1),
+                            torch.cat([prefix[2], batch["contrast_position_ids"][pairs]], 1)).logits
+        logprobs = _pad_right(token_logprobs(logits[:, width - 1], logits[:, width:], ids, mask)[:, :columns], columns)
+    return logprobs[0::2], logprobs[1::2]
+
+
+def compute_tailored_loss(model: torch.nn.Module, batch: dict, cfg: LossConfig,
+                          reference: torch.nn.Module | None = None) -> tuple[torch.Tensor, dict]:
     """Total loss (LM + cl_ratio * self-reflection) and detached metrics lm_loss, cl_loss, triplet_fraction.
+    `reference`: the frozen starting model, for a loss that `needs_reference` (--cl_loss dpo).
 
     Every size that depends on the data (rows with a triplet, the contrast forward's width, how many LM
     targets count) comes from the collator, known on the host: the step never waits for the device to learn
@@ -244,6 +262,11 @@ def compute_tailored_loss(model: torch.nn.Module, batch: dict, cfg: LossConfig) 
               if cfg.mle == "nograd" else hidden.new_zeros((), dtype=torch.float32))
         inputs = _contrast_inputs(hidden, ids, mask, 3, cfg, batch["triplet_mask"],
                                   logits=out.logits if want_logprobs else None, first_logits=first_logits)
+    if cfg.needs_reference:
+        if reference is None:
+            raise ValueError(f"--cl_loss {cfg.cl_loss} needs the reference model")
+        inputs.reference_positive_logprobs, inputs.reference_negative_logprobs = reference_logprobs(
+            reference, batch, rows if cfg.mle in ("weight", "hf") else None, inputs.positive_mask.shape[1])
     cl = CONTRAST_LOSSES[cfg.cl_loss].fn(inputs, cfg) * cfg.cl_ratio
     if cfg.cl_clip:
         cl = clip_self_reflection(lm, cl)

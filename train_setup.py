@@ -5,6 +5,7 @@ imported (distributed.script_main imports this module only then).
 """
 from __future__ import annotations
 
+import copy
 import random
 import sys
 import time
@@ -38,6 +39,8 @@ def run_training(args) -> dict:
     """Build data, model and trainer from TrainArguments, train, save `<output_dir>/final`; returns a summary."""
     started = time.time()
     loss_cfg = LossConfig.from_args(args)  # checks the loss flags before anything is loaded
+    if loss_cfg.needs_reference and args.deepspeed:
+        raise UserError(f"--cl_loss {args.cl_loss} needs a frozen reference model, which is not supported with --deepspeed")
     changed = differing_defaults(args, ORIGINAL_TRAIN_DEFAULTS, sys.argv[1:])
     if changed and distributed.is_main():
         print("note: defaults that differ from the original's: " + ", ".join(changed))
@@ -92,6 +95,7 @@ def run_training(args) -> dict:
                          **model_kwargs(args, config))
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    reference = copy.deepcopy(model) if loss_cfg.needs_reference else None  # the starting weights, before LoRA
     model = set_up_model(model, args)
     cast = precision.ensure_fp32_trainable(model, args)
     if distributed.is_main():
@@ -108,7 +112,7 @@ def run_training(args) -> dict:
         data_collator=BucketedCollator(collator, multiple) if multiple > 1 else collator,
         optimizer_cls_and_kwargs=precision.master_weight_optimizer(training_args) if args.bf16_weights else None,
         processing_class=tokenizer, loss_cfg=loss_cfg, merge_losses=args.merge_losses, eval_setup=eval_setup,
-        lr_schedule=args.lr_scheduler_type, first_eval=args.do_first_eval,
+        lr_schedule=args.lr_scheduler_type, first_eval=args.do_first_eval, reference_model=reference,
         callbacks=[SaveExtrasCallback(as_dict(args), training_args.deepspeed, args.save_best)])
     resume = checkpoint_to_resume(args, output_dir, resume_from)
     if resume:

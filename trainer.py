@@ -28,11 +28,15 @@ WARMUP_LOG = "warmup_log"  # --lr_scheduler_type of the original's DeepSpeed War
 
 
 class TailoredTrainer(Trainer):
-    """`eval_setup`: dict(task, examples, demos, rationale, sampling) for accuracy by generation."""
+    """`eval_setup`: dict(task, examples, demos, rationale, sampling) for accuracy by generation.
+    `reference_model`: the frozen starting model of a loss that `needs_reference` (kept on the device, never trained)."""
 
     def __init__(self, *args, loss_cfg: LossConfig, merge_losses: bool = True, eval_setup: dict | None = None,
-                 lr_schedule: str = WARMUP_LOG, first_eval: bool = False, **kwargs):
+                 lr_schedule: str = WARMUP_LOG, first_eval: bool = False, reference_model: torch.nn.Module | None = None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
+        self.reference_model = None if reference_model is None else \
+            reference_model.to(self.args.device).eval().requires_grad_(False)
         self.lr_schedule = lr_schedule
         if first_eval:
             self.add_callback(FirstEvalCallback(self))
@@ -65,7 +69,7 @@ class TailoredTrainer(Trainer):
                 self._running[name].append(value.detach() if torch.is_tensor(value) else torch.tensor(float(value)))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, metrics = compute_tailored_loss(model, inputs, self.loss_cfg)
+        loss, metrics = compute_tailored_loss(model, inputs, self.loss_cfg, self.reference_model)
         self._record(metrics)
         return (loss, metrics) if return_outputs else loss
 
@@ -88,7 +92,7 @@ class TailoredTrainer(Trainer):
         lm = None
         for cfg in (replace(self.loss_cfg, contrastive=False), replace(self.loss_cfg, mle="no", cl_clip=False)):
             with self.compute_loss_context_manager():
-                loss, metrics = compute_tailored_loss(model, inputs, cfg)
+                loss, metrics = compute_tailored_loss(model, inputs, cfg, self.reference_model)
             if lm is None:
                 lm = loss.detach()
             elif self.loss_cfg.cl_clip:  # the second pass is the self-reflection loss alone

@@ -339,6 +339,29 @@ def test_registered_loss_gets_token_logprobs_of_positive_and_negative(arch_setup
             assert (logprobs[i, len(f[part]):] == 0).all()
 
 
+@pytest.mark.parametrize("mle", ["weight", "nograd"])
+def test_dpo_is_log_2_at_step_0(arch_setup, mle):
+    """--cl_loss dpo with the reference = the policy's own starting weights: every margin is 0, the loss log 2,
+    and the reference's token log-probs (a plain forward, no cache) are the policy's."""
+    import copy
+
+    model, tokenizer, features = arch_setup
+    ours_batch, _ = batches(tokenizer, features)
+    cfg = LossConfig(mle=mle, contrastive=True, cl_loss="dpo", cl_beta=2.0, cl_ratio=1.0)
+    assert cfg.needs_logprobs and cfg.needs_reference
+    seen = []
+    monkey = losses.ContrastLoss(lambda x, c: seen.append(x) or losses.dpo_term(x, c), True, True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(losses.CONTRAST_LOSSES, "dpo", monkey)
+        loss, metrics = compute_tailored_loss(model, ours_batch, cfg, reference=copy.deepcopy(model).eval())
+    assert metrics["cl_loss"].item() == pytest.approx(math.log(2), abs=1e-4)
+    (x,) = seen
+    torch.testing.assert_close(x.reference_positive_logprobs, x.positive_logprobs.detach(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(x.reference_negative_logprobs, x.negative_logprobs.detach(), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="reference"):
+        compute_tailored_loss(model, ours_batch, cfg)
+
+
 def test_unknown_self_reflection_loss_is_a_clear_error():
     with pytest.raises(UserError, match="--cl_loss must be one of triplet"):
-        LossConfig(contrastive=True, cl_loss="dpo")
+        LossConfig(contrastive=True, cl_loss="kto")

@@ -1,4 +1,4 @@
-"""The reference-free preference losses (--cl_loss simpo | orpo): values on hand-made log-probs, the
+"""The preference losses (--cl_loss simpo | orpo, reference-free; dpo, against the starting model): values on hand-made log-probs, the
 direction of their gradients, masking, and one training step through run_trainer.py."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 import losses
 from conftest import run_script
-from losses import ContrastInputs, LossConfig, log_odds, orpo_loss, sequence_logprob, simpo_loss
+from losses import ContrastInputs, LossConfig, dpo_loss, log_odds, orpo_loss, sequence_logprob, simpo_loss
 
 
 def sigmoid(x: float) -> float:
@@ -42,6 +42,26 @@ def test_orpo_value_by_hand():
     assert got.item() == pytest.approx(-math.log(sigmoid(math.log(16))), abs=1e-6)
     assert log_odds(torch.tensor([math.log(0.5)])).item() == pytest.approx(0.0, abs=1e-6)
     assert torch.isfinite(log_odds(torch.tensor([0.0]))).all()  # p = 1: capped, not infinite
+
+
+def test_dpo_value_by_hand():
+    pc, pr, rc, rr = torch.tensor([-10.0, -4.0]), torch.tensor([-12.0, -3.0]), torch.tensor([-11.0, -5.0]), torch.tensor([-11.5, -2.0])
+    beta = 0.5
+    # the textbook -log sigmoid(beta * ((pc - rc) - (pr - rr))): row 0: 0.5 * (1 - -0.5) = 0.75; row 1: 0.5 * (1 - -1) = 1
+    want = (-math.log(sigmoid(0.75)) - math.log(sigmoid(1.0))) / 2
+    assert dpo_loss(pc, pr, rc, rr, torch.ones(2), beta).item() == pytest.approx(want, abs=1e-6)
+    assert dpo_loss(pc, pr, rc, rr, torch.tensor([0.0, 1.0]), beta).item() == pytest.approx(-math.log(sigmoid(1.0)), abs=1e-6)
+    assert dpo_loss(pc, pr, pc, pr, torch.ones(2), beta).item() == pytest.approx(math.log(2))  # policy = reference
+    # through the registry: summed (not averaged) over real tokens, padding ignored
+    x = ContrastInputs(anchor=torch.zeros(1, 2), positive=torch.zeros(1, 2), negative=torch.zeros(1, 2),
+                       row_mask=torch.ones(1), positive_logprobs=torch.tensor([[-4.0, -6.0, -99.0]]),
+                       negative_logprobs=torch.tensor([[-12.0, 0.0, 0.0]]), positive_mask=torch.tensor([[1, 1, 0]]),
+                       negative_mask=torch.tensor([[1, 0, 0]]), reference_positive_logprobs=torch.tensor([[-5.0, -6.0, 7.0]]),
+                       reference_negative_logprobs=torch.tensor([[-11.5, 0.0, 0.0]]))
+    entry = losses.CONTRAST_LOSSES["dpo"]
+    assert entry.needs_logprobs and entry.needs_reference
+    got = entry.fn(x, LossConfig(contrastive=True, cl_loss="dpo", cl_beta=beta))
+    assert got.item() == pytest.approx(-math.log(sigmoid(0.75)), abs=1e-6)
 
 
 @pytest.mark.parametrize("loss", [lambda c, r, m: simpo_loss(c, r, m), orpo_loss], ids=["simpo", "orpo"])
@@ -98,3 +118,21 @@ def test_bad_preference_settings_are_one_line_errors(tiny_student, data_dir, tea
                         "--cl_neg_path", str(negatives), "--cl_loss", "simpo", "--cl_beta", "0",
                         "--output_dir", str(tmp_path / "bad"))
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("error: --cl_beta")
+
+
+def test_training_with_dpo_end_to_end(tiny_student, data_dir, teacher_files, tmp_path):
+    teacher, negatives = teacher_files
+    common = ("run_trainer.py", "--task", "wordmath", "--data_dir", str(data_dir), "--load", str(tiny_student),
+              "--teacher_data", str(teacher), "--contrastive", "yes", "--cl_pos_path", str(teacher),
+              "--cl_neg_path", str(negatives), "--cl_loss", "dpo", "--cl_beta", "0.5", "--cl_ratio", "1",
+              "--cl_neg_form", "own", "--train_bsz", "4", "--lr", "1e-3", "--lr_scheduler_type", "constant",
+              "--max_steps", "3", "--logging_steps", "1")
+    out = tmp_path / "dpo"
+    result = run_script(*common, "--output_dir", str(out))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
+    logged = [e["cl_loss"] for e in state["log_history"] if "cl_loss" in e]
+    # step 1 runs from the starting weights: log 2; later steps have moved away from the reference
+    assert len(logged) == 3 and logged[0] == pytest.approx(math.log(2), abs=1e-3) and logged[-1] != logged[0]
+    refused = run_script(*common, "--deepspeed", "ds_stage3_config.json", "--output_dir", str(tmp_path / "ds"))
+    assert refused.returncode == 2 and "not supported with --deepspeed" in refused.stderr.strip().splitlines()[-1]

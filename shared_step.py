@@ -2,7 +2,7 @@
 
 A row is a prompt (prefix) and a teacher rationale (continuation), with, for the rows that have
 a triplet, a positive (another teacher rationale) and a negative (the student's mistake). The
-batch comes from `train_data.TailoredCollator`, where every prefix ends at the same column P.
+batch comes from `train_batches.TailoredCollator`, where every prefix ends at the same column P.
 
   mle weight|hf: ONE forward on [prefix | continuation] with grad gives the LM logits; its KV
       cache, cut to the first P columns and detached, is the prefix cache of ONE forward over

@@ -13,7 +13,7 @@ import distributed
 import precision
 from common import UserError
 from hf_internals import unwrap
-from train_data import TailoredCollator, positions_from_mask
+from train_batches import TailoredCollator, positions_from_mask
 
 
 def check_switches(args, ds_config: dict | None) -> None:

@@ -29,7 +29,8 @@ from model_loading import (check_model_path, load_config, load_tokenizer, load_w
                            tokenizer_source)
 from speed import BucketedCollator, check_switches, compile_layers, model_kwargs
 from tasks import get_task, has_validation, load_demos, load_split
-from train_data import TailoredCollator, TailoredDataset, build_train_data
+from train_batches import TailoredCollator, TailoredDataset
+from train_data import build_train_data
 from trainer import WARMUP_LOG, LossTotalCallback, SaveExtrasCallback, TailoredTrainer
 
 DEBUG_TRAIN, DEBUG_EVAL = 97, 33  # --debug sizes, the original's

@@ -21,7 +21,7 @@ from common import atomic_write_json, read_json, redact
 from generation import evaluate
 from losses import LossConfig, clip_self_reflection
 from shared_step import compute_tailored_loss
-from train_data import UniqueQuestionBatchSampler
+from train_batches import UniqueQuestionBatchSampler
 
 METRICS = ("lm_loss", "cl_loss", "triplet_fraction")
 WARMUP_LOG = "warmup_log"  # --lr_scheduler_type of the original's DeepSpeed WarmupLR (warmup_log_factor)

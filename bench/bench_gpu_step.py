@@ -68,7 +68,8 @@ from losses import LossConfig  # noqa: E402
 from reference import FivePassCollator, five_pass_loss  # noqa: E402  (tests/reference.py)
 from hf_internals import enable_checkpointing  # noqa: E402
 from shared_step import compute_tailored_loss  # noqa: E402
-from train_data import TailoredCollator, TailoredDataset, UniqueQuestionBatchSampler, build_train_data  # noqa: E402
+from train_batches import TailoredCollator, TailoredDataset, UniqueQuestionBatchSampler  # noqa: E402
+from train_data import build_train_data  # noqa: E402
 from precision import MasterWeightAdamW  # noqa: E402
 from speed import bucket_batch, compile_layers  # noqa: E402
 

@@ -54,7 +54,8 @@ from losses import LossConfig  # noqa: E402
 from reference import FivePassCollator, five_pass_loss  # noqa: E402  (tests/reference.py)
 from hf_internals import enable_checkpointing  # noqa: E402
 from shared_step import compute_tailored_loss  # noqa: E402
-from train_data import TailoredCollator, TailoredDataset, build_train_data  # noqa: E402
+from train_batches import TailoredCollator, TailoredDataset  # noqa: E402
+from train_data import build_train_data  # noqa: E402
 
 CONFIGS = {
     "student": dict(n_layer=4, n_embd=128, n_head=4, rotary_dim=16),

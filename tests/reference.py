@@ -13,7 +13,7 @@ from transformers import DynamicCache
 import losses
 from hf_internals import cache_kept, cache_kwarg, forward_params, lm_forward, output_cache
 from losses import LossConfig
-from train_data import _pad, _triplet_parts, positions_from_mask
+from train_batches import _pad, _triplet_parts, positions_from_mask
 
 
 def five_pass_loss(model: torch.nn.Module, batch: dict, cfg: LossConfig) -> tuple[torch.Tensor, dict]:

@@ -23,7 +23,8 @@ from losses import (ANCHOR_MODES, MLE_MODES, REPR_MODES, LossConfig, representat
 from reference import FivePassCollator, five_pass_loss  # noqa: E402
 from shared_step import compute_tailored_loss  # noqa: E402
 from test_train_data import TASK, make_examples, make_tokenizer, triplet_files  # noqa: E402
-from train_data import TailoredCollator, TailoredDataset, build_train_data  # noqa: E402
+from train_batches import TailoredCollator, TailoredDataset  # noqa: E402
+from train_data import build_train_data  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 # tiny models: one intra-op thread (conftest.one_torch_thread)

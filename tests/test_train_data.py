@@ -20,8 +20,8 @@ import tasks  # noqa: E402
 import wordmath  # noqa: E402
 from common import UserError  # noqa: E402
 from reference import FivePassCollator  # noqa: E402
-from train_data import (TailoredCollator, TailoredDataset, UniqueQuestionBatchSampler, build_train_data,  # noqa: E402
-                        encode_pair, wrong_continuation)
+from train_batches import TailoredCollator, TailoredDataset, UniqueQuestionBatchSampler  # noqa: E402
+from train_data import build_train_data, encode_pair, wrong_continuation  # noqa: E402
 
 TASK = tasks.get_task("wordmath")
 

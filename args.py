@@ -11,13 +11,14 @@ from typing import ClassVar, Literal
 
 from common import UserError
 from flags import check_bounds, check_choices, check_task, optimizer_names, script_defaults
+from tasks import TASKS
 
 
 @dataclass
 class TaskArguments:
     """Which task and data: every script that reads a split."""
     BOUNDS: ClassVar[dict] = {"valid_size": ">=0"}
-    task: str = field(default="wordmath", metadata={"help": "Task name: gsm8k, svamp, multiarith, cqa, sqa, wordmath, gsm_symbolic."})
+    task: str = field(default="wordmath", metadata={"help": "Task name: " + ", ".join(TASKS) + "."})
     data_dir: str = field(default="localdataset", metadata={"help": "Local datasets: <data_dir>/<task>/<split>.{jsonl,json,parquet} or a save_to_disk folder."})
     valid_size: int = field(default=0, metadata={"help": "Tasks without a validation split (the hub ones): hold out N train items "
                                                         "(a fixed draw) as 'validation', which train then leaves out. 0: train whole, as the original."})
@@ -332,7 +333,7 @@ class TeacherServerArguments:
 
 @dataclass
 class PrepareArguments:
-    task: str = field(default="all", metadata={"help": "wordmath, gsm_symbolic or all."})
+    task: str = field(default="all", metadata={"help": ", ".join(name for name, t in TASKS.items() if t.generator) + " or all."})
     data_dir: str = field(default="localdataset", metadata={"help": "Output root: <data_dir>/<task>/{train,test}.jsonl."})
     train_size: int = field(default=2000, metadata={"help": "Train problems per task."})
     test_size: int = field(default=300, metadata={"help": "Test problems per task."})

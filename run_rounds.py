@@ -20,9 +20,8 @@ from driver_args import RoundsArguments
 from flags import parse
 from rounds import RoundDriver
 from stage_process import driver_exits, run_command
-from tasks import PROMPT_FORMAT
+from tasks import PROMPT_FORMAT, TASKS
 
-EMBEDDED_TASKS = ("wordmath", "gsm_symbolic")
 EMBEDDED_STUDENT = "checkpoints/wordmath-student"
 
 
@@ -31,7 +30,7 @@ def prepare_embedded(args: RoundsArguments) -> None:
     (a user who generated the data with other difficulty settings keeps it)."""
     logs = Path(args.workdir) / "setup"
     task_dir = Path(args.data_dir) / args.task
-    if args.task in EMBEDDED_TASKS and not all((task_dir / f"{split}.jsonl").is_file()
+    if TASKS[args.task].generator and not all((task_dir / f"{split}.jsonl").is_file()
                                                for split in ("train", "validation", "test")):
         run_command([sys.executable, "prepare_data.py", "--task", args.task, "--data_dir", args.data_dir],
                     logs / "prepare_data.log")

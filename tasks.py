@@ -78,8 +78,12 @@ class TaskSpec:
     n_demos: int
     max_new_tokens: int
     split_alias: tuple[tuple[str, str], ...] = ()  # e.g. cqa's labelled "test" is the hub "validation"
-    prepare_hint: str = ""
+    generator: str | None = None  # embedded: the module whose splits(args) prepare_data.py writes into localdataset/
     validation_from_train: bool = True  # no usable validation split of its own: carve one (--valid_size)
+
+    @property
+    def prepare_hint(self) -> str:
+        return "run `python prepare_data.py` first" if self.generator else ""
 
     @property
     def answers(self) -> AnswerKind:
@@ -96,9 +100,9 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in [
     TaskSpec("sqa", "yesno", ("question", "answer"), _from_sqa, ("ChilleD/StrategyQA", None), 4, 128),
     # Embedded offline tasks, written into localdataset/ by prepare_data.py (GSM8K row format).
     TaskSpec("wordmath", "math", ("question", "answer"), _from_gsm8k, None, 3, 192,
-             prepare_hint="run `python prepare_data.py` first", validation_from_train=False),
+             generator="wordmath", validation_from_train=False),
     TaskSpec("gsm_symbolic", "math", ("question", "answer"), _from_gsm8k, None, 3, 256,
-             prepare_hint="run `python prepare_data.py` first", validation_from_train=False),
+             generator="gsm_symbolic", validation_from_train=False),
 ]}
 
 

@@ -94,3 +94,13 @@ def generate(n: int, seed: int, d: Difficulty = Difficulty(), exclude: set[str] 
             seen.add(row["question"])
             rows.append(row)
     return rows
+
+
+def splits(args) -> dict[str, list[dict]]:
+    """train, validation and test for prepare_data.py (its PrepareArguments: sizes, seed, difficulty)."""
+    difficulty = Difficulty(min_steps=args.min_steps, max_steps=args.max_steps,
+                            max_start=args.max_start, max_operand=args.max_operand)
+    train = generate(args.train_size, args.seed, difficulty)
+    test = generate(args.test_size, args.seed + 1, difficulty, exclude={r["question"] for r in train})
+    validation = generate(args.valid_size, args.seed + 2, difficulty, exclude={r["question"] for r in train + test})
+    return {"train": train, "validation": validation, "test": test}

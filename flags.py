@@ -7,6 +7,7 @@ original README uses both.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Literal, get_args, get_type_hints
@@ -58,19 +59,19 @@ def check_bounds(args) -> None:
             raise UserError(f"{flag} must be a number {op} {bound.lstrip('<>=')}, got {value}")
 
 
-def choices_of(cls, name: str) -> tuple[str, ...] | None:
-    """The values a field typed `Literal[...]` allows (argparse offers them as choices), else None."""
-    hint = get_type_hints(cls)[name]
-    return get_args(hint) if getattr(hint, "__origin__", None) is Literal else None
+@functools.cache
+def choices(cls) -> dict[str, tuple[str, ...]]:
+    """{field: the values it allows} for the fields typed `Literal[...]` (argparse offers them as choices)."""
+    hints = get_type_hints(cls)
+    return {f.name: get_args(hints[f.name]) for f in fields(cls) if getattr(hints[f.name], "__origin__", None) is Literal}
 
 
 def check_choices(args) -> None:
     """Literal-typed fields hold one of their values: argparse checks flags, this checks a dataclass built
     directly (the round driver builds each stage's, to_argv)."""
-    for f in fields(args):
-        allowed = choices_of(type(args), f.name)
-        if allowed and getattr(args, f.name) not in allowed:
-            raise UserError(f"--{f.name} must be one of {', '.join(allowed)}, got {getattr(args, f.name)!r}")
+    for name, allowed in choices(type(args)).items():
+        if getattr(args, name) not in allowed:
+            raise UserError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(args, name)!r}")
 
 
 def script_defaults(**defaults):

@@ -17,6 +17,7 @@ import sys
 import time
 from dataclasses import fields
 from pathlib import Path
+from typing import Callable
 
 from arms import DRIVER_ARMS
 from common import UserError, atomic_write_json, read_json
@@ -76,28 +77,28 @@ class RoundDriver:
                             cl_neg_path=negatives, merge_losses=True, output_dir=str(out), resume="yes",
                             logging_steps=20, **extra)
 
-    def run_stage(self, stage: Stage, command: list[str], out: Path) -> dict:
-        """The stage's outputs, after running it unless a finished run left them (one runner per folder)."""
+    def run_stage(self, stage: Stage, command: Callable[[], list[str]], out: Path) -> dict:
+        """The stage's outputs, after running `command()` unless a finished run left them (one runner per folder)."""
         with stage_lock(out):
             if stage.result(out) is None:
-                run_command(command, out / "log.txt")
+                run_command(command(), out / "log.txt")
             return stage.result(out)
 
     def evaluate(self, checkpoint: str, out: Path, split: str) -> dict:
-        return self.run_stage(EVALUATION, self.eval_command(checkpoint, out, split), out)
+        return self.run_stage(EVALUATION, lambda: self.eval_command(checkpoint, out, split), out)
 
     def evaluate_all(self, checkpoint: str, folder: Path) -> dict:
         return {split: self.evaluate(checkpoint, folder / f"eval_{split}", split) for split in self.splits}
 
     def exam(self, checkpoint: str, out: Path) -> dict:
-        return self.run_stage(EXAM, self.exam_command(checkpoint, out), out)
+        return self.run_stage(EXAM, lambda: self.exam_command(checkpoint, out), out)
 
     def teacher(self, mode: str, out: Path, student_wrong: str | None = None, **extra) -> dict:
-        return self.run_stage(TEACHER, self.teacher_command(mode, out, student_wrong, **extra), out)
+        return self.run_stage(TEACHER, lambda: self.teacher_command(mode, out, student_wrong, **extra), out)
 
     def train(self, start_checkpoint: str, teacher_data: str, negatives: str, out: Path, contrastive: bool,
               **extra) -> str:
-        command = self.train_command(start_checkpoint, teacher_data, negatives, out, contrastive, **extra)
+        command = lambda: self.train_command(start_checkpoint, teacher_data, negatives, out, contrastive, **extra)  # noqa: E731
         return self.run_stage(TRAINING, command, out)["checkpoint"]
 
     # ------------------------------------------------------------ rounds

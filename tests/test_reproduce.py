@@ -48,7 +48,7 @@ def test_quick_runs_every_arm_and_results_json_reproduces_the_table(tiny_student
     trains = {line.split("--output_dir ")[1].split()[0].split("/")[-3]: line for line in stages if "run_trainer.py" in line}
     assert "--contrastive no" in trains["std-cot"] and "--contrastive no" in trains["tailored-no-reflect"]
     assert "--cl_loss simpo" in trains["prefer"] and "--cl_neg_form own" in trains["prefer"]
-    assert "--cl_loss" not in trains["reflect"] and "--contrastive yes" in trains["reflect"]
+    assert "--cl_loss triplet" in trains["reflect"] and "--contrastive yes" in trains["reflect"]
     steps = arms["tailored"]["per_seed"][str(seed)]["train_steps"]
     assert f"--max_steps {steps} " in trains["more-epochs"] + " "
     assert "reflect/round1/train/final" in trains["more-epochs"] and "reflect/round1/train/final" in trains["tailored"]

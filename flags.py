@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 from dataclasses import asdict, dataclass, field, fields
 from typing import Literal, get_args, get_type_hints
 
@@ -25,8 +26,28 @@ class OneLineParser(HfArgumentParser):
         raise UserError(f"{message} (see --help)")
 
 
+def check_one_value_each(parser: HfArgumentParser, argv: list[str]) -> None:
+    """A setting given under two of its names (--limit and the original's --sample_num, --lr and --learning_rate)
+    with different values: argparse would keep the last one silently; it is a contradiction. The same name
+    given twice keeps argparse's rule (the last one wins), which scripts that add flags to a command rely on."""
+    dest_of = {option: action.dest for action in parser._actions for option in action.option_strings
+               if action.dest != "help"}
+    first_given: dict[str, tuple[str, str]] = {}  # setting -> (the flag that gave it first, its value)
+    for i, arg in enumerate(argv):
+        flag, has_value, value = arg.partition("=")
+        if flag not in dest_of:
+            continue
+        if not has_value:
+            value = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else ""
+        first_flag, first_value = first_given.get(dest_of[flag], (flag, value))
+        first_given[dest_of[flag]] = (flag, value)
+        if value != first_value and first_flag.replace("-", "_") != flag.replace("-", "_"):
+            raise UserError(f"{first_flag} {first_value} and {flag} {value}: one value for the same setting, please")
+
+
 def parse(cls, argv: list[str] | None = None):
     parser = OneLineParser(cls)
+    check_one_value_each(parser, sys.argv[1:] if argv is None else argv)
     try:
         (parsed,) = parser.parse_args_into_dataclasses(args=argv)
     except ValueError as err:  # raised by __post_init__ checks

@@ -29,8 +29,15 @@ def loading(flag: str, path: str) -> Iterator[None]:
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False, flag: str = "--load"):
+    """A folder without tokenizer files gave an empty-vocabulary tokenizer, which trained at loss 0 and crashed
+    generation: such a folder, or any tokenizer without a vocabulary, is one error line instead."""
+    if Path(path).is_dir() and not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
+        raise UserError(f"{flag}: {path} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save the "
+                        f"tokenizer beside the weights, or pass this folder as --checkpoint with --load the base model")
     with loading(flag, path):
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if len(tokenizer) == 0:
+        raise UserError(f"{flag}: the tokenizer of {path} has an empty vocabulary")
     if tokenizer.pad_token is None:  # GPT-J ships none; eos is masked out anyway
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.truncation_side = "left"

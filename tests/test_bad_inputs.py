@@ -45,6 +45,8 @@ CASES = {
     "infer max_new_tokens -1": Case("infer", ["--max_new_tokens", "-1"], "--max_new_tokens"),
     "infer limit -5": Case("infer", ["--limit", "-5"], "--limit"),
     "infer sample_num -2": Case("infer", ["--sample_num", "-2"], "--sample_num"),
+    "infer limit and sample_num disagree": Case("infer", ["--sample_num", "7"], "--limit 4 and --sample_num 7"),
+    "train lr given twice": Case("train", ["--lr", "1e-5", "--learning_rate", "2e-5"], "--lr 1e-5 and --learning_rate 2e-5"),
     "infer valid_size -1": Case("infer", ["--valid_size", "-1"], "--valid_size"),
     "infer unknown task": Case("infer", ["--task", "nosuch"], "nosuch"),
     "infer unknown split": Case("infer", ["--test_on", "nosplit"], "nosplit"),
@@ -57,6 +59,7 @@ CASES = {
     "infer checkpoint missing": Case("infer", ["--checkpoint", "{out}/no_model"], "--checkpoint"),
     "infer corrupt config.json": Case("infer", ["--checkpoint", "{bad_model:config}"], "--checkpoint"),
     "infer truncated safetensors": Case("infer", ["--checkpoint", "{bad_model:weights}"], "--checkpoint"),
+    "infer model folder without a tokenizer": Case("infer", ["--load", "{bad_model:tokenizer}"], "holds no tokenizer"),
     "infer unknown hub name offline": Case("infer", ["--load", "nobody/no-such-model-xyz"], "--load"),
     # ---- infer.py: data
     "infer null question": Case("infer", ["--data_dir", "{bad_data:null_question}"], "test.jsonl"),
@@ -92,6 +95,7 @@ CASES = {
     "train resume path missing": Case("train", ["--resume", "{out}/checkpoint-7"], "--resume"),
     "train output_dir is a file": Case("train", ["--output_dir", "{file}"], "--output_dir"),
     "train truncated safetensors": Case("train", ["--checkpoint", "{bad_model:weights}"], "--checkpoint"),
+    "train model folder without a tokenizer": Case("train", ["--load", "{bad_model:tokenizer}"], "holds no tokenizer"),
     "train world_size not a multiple": Case("train", ["--device", "0,1", "--world_size", "3"], "--world_size"),
     "train null question in train": Case("train", ["--data_dir", "{bad_data:null_question}"], "train.jsonl"),
     # ---- query_teacher.py
@@ -145,11 +149,14 @@ def inputs(tmp_path_factory, data_dir, tiny_student, teacher_files):
             rows[0] = {**rows[0], **change}
             write_jsonl(folder / f"{split}.jsonl", rows)
         made[f"bad_data:{kind}"] = folder.parent
-    for kind in ("config", "weights"):
+    for kind in ("config", "weights", "tokenizer"):
         folder = root / f"model_{kind}"
         shutil.copytree(tiny_student, folder)
         if kind == "config":
             (folder / "config.json").write_text('{"model_type": "gptj", "n_layer": ')
+        elif kind == "tokenizer":  # weights and config only, as the original saved its checkpoints
+            for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt"):
+                (folder / name).unlink(missing_ok=True)
         else:
             weights = folder / "model.safetensors"
             weights.write_bytes(weights.read_bytes()[:1000])

@@ -52,9 +52,8 @@ EVIDENCE_ARMS: dict[str, Arm] = {
 }
 
 
-def check_arms(flag_value: str, table: dict[str, Arm]) -> list[str]:
+def check_arms(flag_value: str, table: dict[str, Arm]) -> None:
     """--arms: a comma list of distinct names of `table`."""
     arms = flag_value.split(",")
     if not arms or any(arm not in table for arm in arms) or len(set(arms)) != len(arms):
         raise UserError(f"--arms: expected a comma list of {', '.join(table)}, got {flag_value!r}")
-    return arms

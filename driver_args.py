@@ -39,6 +39,7 @@ class RoundsArguments(DataArguments, DeviceArguments, LoraArguments, LossArgumen
     BOUNDS: ClassVar[dict] = {"teacher_samples": ">=1", "exam_limit": ">=0", "exam_batch": ">=1", "exam_max_new_tokens": ">=1",
                               "eval_limit": ">=0", "eval_batch": ">=1", "warm_steps": ">=0", "jobs": ">=1",
                               "annotate_limit": ">=0"}
+    ARMS: ClassVar[dict] = DRIVER_ARMS  # what --arms may name
     student: str = field(default="checkpoints/wordmath-student", metadata={"help": "Round-0 student (hub name or folder). The embedded one is built if missing."})
     workdir: str = field(default="runs/demo", metadata={"help": "One folder per round inside, plus rounds.json and rounds.png."})
     rounds: int = field(default=2, metadata={"help": "Number of rounds."})
@@ -78,16 +79,12 @@ class RoundsArguments(DataArguments, DeviceArguments, LoraArguments, LossArgumen
         self.eval_limit = self.eval_limit or None
         if self.rounds < 1 or not 1 <= self.start_round <= self.rounds:
             raise UserError("--rounds must be >= 1 and --start_round within 1..rounds")
-        self.check_arms()
+        check_arms(self.arms, self.ARMS)
         splits = self.eval_splits.split(",")
         if not all(splits) or len(set(splits)) != len(splits):
             raise UserError(f"--eval_splits: expected a comma list of split names, got {self.eval_splits!r}")
         self.check_lora()
         self.check_server()
-
-    def check_arms(self) -> None:
-        check_arms(self.arms, DRIVER_ARMS)
-
 
 @dataclass
 class EvidenceArguments(RoundsArguments):
@@ -95,6 +92,7 @@ class EvidenceArguments(RoundsArguments):
     The defaults fit the embedded wordmath run of 3 seeds x all arms in 60 min on 2 CPU cores
     (evidence.py's docstring has the arithmetic); --quick is the small end-to-end check."""
     BOUNDS: ClassVar[dict] = {"seeds": ">=1", "bootstrap": ">=1", "prefer_beta": ">0", "prefer_gamma": ">=0", "threads": ">=0"}
+    ARMS: ClassVar[dict] = EVIDENCE_ARMS
     workdir: str = field(default="runs/evidence", metadata={"help": "round0/ (the shared round-0 student), seed<s>/ (one round-driver "
                                                                     "folder per seed), results.json, evidence.png. --quick: runs/evidence_quick."})
     arms: str = field(default=",".join(EVIDENCE_ARMS), metadata={"help": "Comma list of arms (the arms they build on run too): "
@@ -119,6 +117,3 @@ class EvidenceArguments(RoundsArguments):
     threads: int = field(default=0, metadata={"help": "torch CPU threads for the stages (OMP_NUM_THREADS, unless already set); stages "
                                                       "running side by side (--jobs) split them evenly, since two stages of two threads "
                                                       "each on 2 cores ran 4-9x slower. 0: every core."})
-
-    def check_arms(self) -> None:
-        check_arms(self.arms, EVIDENCE_ARMS)

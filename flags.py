@@ -32,17 +32,17 @@ def check_one_value_each(parser: HfArgumentParser, argv: list[str]) -> None:
     given twice keeps argparse's rule (the last one wins), which scripts that add flags to a command rely on."""
     dest_of = {option: action.dest for action in parser._actions for option in action.option_strings
                if action.dest != "help"}
-    first_given: dict[str, tuple[str, str]] = {}  # setting -> (the flag that gave it first, its value)
+    last_given: dict[str, tuple[str, str]] = {}  # setting -> (the flag that gave it last, its value)
     for i, arg in enumerate(argv):
         flag, has_value, value = arg.partition("=")
         if flag not in dest_of:
             continue
         if not has_value:
             value = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else ""
-        first_flag, first_value = first_given.get(dest_of[flag], (flag, value))
-        first_given[dest_of[flag]] = (flag, value)
-        if value != first_value and first_flag.replace("-", "_") != flag.replace("-", "_"):
-            raise UserError(f"{first_flag} {first_value} and {flag} {value}: one value for the same setting, please")
+        earlier_flag, earlier_value = last_given.get(dest_of[flag], (flag, value))
+        last_given[dest_of[flag]] = (flag, value)
+        if value != earlier_value and earlier_flag.replace("-", "_") != flag.replace("-", "_"):
+            raise UserError(f"{earlier_flag} {earlier_value} and {flag} {value}: one value for the same setting, please")
 
 
 def parse(cls, argv: list[str] | None = None):

@@ -31,7 +31,7 @@ def loading(flag: str, path: str) -> Iterator[None]:
 def load_tokenizer(path: str, trust_remote_code: bool = False, flag: str = "--load"):
     """A folder without tokenizer files gave an empty-vocabulary tokenizer, which trained at loss 0 and crashed
     generation: such a folder, or any tokenizer without a vocabulary, is one error line instead."""
-    if Path(path).is_dir() and not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
+    if Path(path).is_dir() and not holds_tokenizer(Path(path)):
         raise UserError(f"{flag}: {path} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save the "
                         f"tokenizer beside the weights, or pass this folder as --checkpoint with --load the base model")
     with loading(flag, path):
@@ -45,6 +45,10 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, flag: str = "--lo
 
 
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.json", "tokenizer.model")
+
+
+def holds_tokenizer(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in TOKENIZER_FILES)
 
 
 def load_model(path: str, dtype: torch.dtype | None = None, trust_remote_code: bool = False, flag: str = "--load",
@@ -61,7 +65,7 @@ def load_model(path: str, dtype: torch.dtype | None = None, trust_remote_code: b
 
 def tokenizer_source(path: str, fallback: str | None) -> str:
     """`path`, or `fallback` (said once) when `path` is a folder without tokenizer files."""
-    if fallback and Path(path).is_dir() and not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
+    if fallback and Path(path).is_dir() and not holds_tokenizer(Path(path)):
         if distributed.is_main():
             print(f"note: {path} holds no tokenizer; using the one of --load {fallback}")
         return fallback

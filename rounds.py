@@ -98,8 +98,8 @@ class RoundDriver:
 
     def train(self, start_checkpoint: str, teacher_data: str, negatives: str, out: Path, contrastive: bool,
               **extra) -> str:
-        command = lambda: self.train_command(start_checkpoint, teacher_data, negatives, out, contrastive, **extra)  # noqa: E731
-        return self.run_stage(TRAINING, command, out)["checkpoint"]
+        return self.run_stage(TRAINING, lambda: self.train_command(start_checkpoint, teacher_data, negatives, out,
+                                                                  contrastive, **extra), out)["checkpoint"]
 
     # ------------------------------------------------------------ rounds
     def round_dir(self, arm: str, r: int) -> Path:

@@ -36,7 +36,6 @@ def die_with_parent():
     return lambda: prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
 
 
-
 # What a stage process spends its start-up importing; the driver imports it once, before its first fork.
 PRELOAD = ("torch", "transformers", "generation", "train_setup", "transformers.models.gptj.modeling_gptj",
            "transformers.models.llama.modeling_llama")

@@ -58,8 +58,20 @@ class ModelArguments(DeviceArguments):
 
 
 # ---------------------------------------------------------------- generation (infer.py, infer_student_wrong.py)
+Engine = Literal["hf", "vllm"]  # generation.ENGINES
+
+
 @dataclass
-class GenerationArguments(ModelArguments, DataArguments):
+class EngineArguments:
+    """The generation engine (also the round driver's flag, passed on by name to the exam and evaluation)."""
+    engine: Engine = field(default="hf", metadata={"help": "What runs generation (exam and evaluation): hf (the model's own generate, in this "
+                                                           "environment) or vllm (vLLM: continuous batching, paged KV cache; its "
+                                                           "own environment, built by `bash scripts/env.sh --vllm`). Same prompts, "
+                                                           "same post-processing, same output files."})
+
+
+@dataclass
+class GenerationArguments(ModelArguments, DataArguments, EngineArguments):
     """What evaluation and the exam share. The original's defaults (its InferArgs): rationale prompts, float16
     weights on a GPU."""
     BOUNDS: ClassVar[dict] = {"batch": ">=1", "max_new_tokens": ">=1", "limit": ">=0"}
@@ -88,7 +100,21 @@ class GenerationArguments(ModelArguments, DataArguments):
 
 
 @dataclass
-class InferArguments(GenerationArguments):
+class SamplingArguments:
+    """How answers are sampled: the exam's, and infer.py's --self_consistency. Not the round driver's: a
+    `temperature` there would also reach the teacher's flag of that name."""
+    BOUNDS: ClassVar[dict] = {"temperature": ">0", "top_k": ">=0"}
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
+    top_k: int = field(default=50, metadata={"help": "Top-k sampling (0: all tokens)."})
+
+
+@dataclass
+class InferArguments(GenerationArguments, SamplingArguments):
+    BOUNDS: ClassVar[dict] = {"self_consistency": ">=0"}
+    self_consistency: int = field(default=0, metadata={"help": "K > 0: also sample K rationales per question (--temperature, "
+                                                                "--top_k, seeded by --seed) and report maj@K (the most frequent "
+                                                                "answer is right) and pass@K (any sample is right) beside greedy "
+                                                                "accuracy."})
     hint: bool = field(default=False, metadata={"help": "STaR rationalisation: evaluate only the questions --hint_filter_path marks wrong, "
                                                         "each prompt block with a line naming its answer. Needs --fewshot and --rationale."})
     hint_filter_path: str | None = field(default=None, metadata={"help": "With --hint: an Acc*.json of an earlier infer.py run on the same split."})
@@ -111,11 +137,8 @@ class SamplesArguments:
 
 
 @script_defaults(test_on="train", max_new_tokens=128)
-class ExamArguments(GenerationArguments, SamplesArguments):
-    # not shared with the round driver: a `temperature` there would also reach the teacher's flag of that name
-    BOUNDS: ClassVar[dict] = {"temperature": ">0", "top_k": ">=0"}
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
-    top_k: int = field(default=50, metadata={"help": "Top-k sampling."})
+class ExamArguments(GenerationArguments, SamplesArguments, SamplingArguments):
+    pass
 
 
 # ---------------------------------------------------------------- training (run_trainer.py)
@@ -127,6 +150,20 @@ ReprMode = Literal["last", "pool"]
 AnchorMode = Literal["detached", "full"]
 LmLossImpl = Literal["auto", "logits", "chunked", "liger"]
 NegForm = Literal["original", "gold", "own"]
+# transformers' SchedulerType, less those this repo cannot drive (tests/test_bad_inputs.py holds the two lists against
+# the installed library), plus the original's warmup_log
+LrScheduler = Literal["warmup_log", "linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                      "constant_with_warmup", "inverse_sqrt"]
+STEPS_ON_TRAINER_EVAL = ("steps on the metric of the Trainer's own evaluation, which does not run here (evaluation is "
+                         "accuracy by generation): it would stay constant")
+SCHEDULERS_LEFT_OUT = {
+    "cosine_with_min_lr": "needs lr_scheduler_kwargs (min_lr), which no flag sets",
+    "cosine_warmup_with_min_lr": "needs lr_scheduler_kwargs (min_lr), which no flag sets",
+    "warmup_stable_decay": "needs lr_scheduler_kwargs (num_decay_steps), which no flag sets",
+    "reduce_lr_on_plateau": STEPS_ON_TRAINER_EVAL,
+    "greedy": STEPS_ON_TRAINER_EVAL,
+}
+SaveStrategy = Literal["epoch", "steps", "no"]  # transformers' SaveStrategy less "best" (--save_best K does that here)
 
 
 @dataclass
@@ -190,7 +227,7 @@ class TrainRunArguments:
     max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimizer steps (overrides --epoch when > 0)."})
     per_device_train_batch_size: int = field(default=2, metadata={"aliases": ["--train_bsz"], "help": "Training batch size per process."})
     learning_rate: float = field(default=7e-6, metadata={"aliases": ["--lr"], "help": "Peak learning rate."})
-    lr_scheduler_type: str = field(default="warmup_log", metadata={"help": "warmup_log: the original's (DeepSpeed WarmupLR's default: from 0 to the "
+    lr_scheduler_type: LrScheduler = field(default="warmup_log", metadata={"help": "warmup_log: the original's (DeepSpeed WarmupLR's default: from 0 to the "
                                                                            "peak as log(step+1)/log(warmup_steps), then constant); or a transformers "
                                                                            "scheduler name, e.g. constant_with_warmup (linear warm-up)."})
     warmup_steps: int = field(default=100, metadata={"help": "Warm-up steps."})
@@ -235,7 +272,7 @@ class TrainArguments(ModelArguments, DataArguments, LoraArguments, LossArguments
                                                                    "where the task has one (embedded tasks, or --valid_size N), else test as the original (with a note)."})
     eval_limit: int | None = field(default=None, metadata={"help": "Evaluate only the first N items."})
     save_best: int = field(default=0, metadata={"help": "K > 0: keep only the K most accurate epoch checkpoints (needs --do_eval); 0: keep all."})
-    save_strategy: str = field(default="epoch", metadata={"help": "When to write checkpoint-<step>/: epoch, steps (with --save_steps) or no."})
+    save_strategy: SaveStrategy = field(default="epoch", metadata={"help": "When to write checkpoint-<step>/: epoch, steps (with --save_steps) or no."})
     save_steps: float = field(default=500, metadata={"help": "With --save_strategy steps: every N steps."})
     output_dir: str | None = field(default=None, metadata={"help": "Default: checkpoints/student_train/<task>[_<note>]."})
     resume: str = field(default="no", metadata={"help": "yes: continue from the last checkpoint in --output_dir; PATH: from that checkpoint "

@@ -1,6 +1,9 @@
 """Small helpers every script shares: user errors, atomic files, secrets, CLI entry."""
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import functools
 import json
 import os
@@ -9,11 +12,54 @@ import re
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 
 class UserError(Exception):
     """Bad input from the user: reported as one line, exit code 2, nothing written."""
+
+
+class DiskFull(UserError):
+    """No space (or quota) left while writing `path`: one line, and a re-run continues once space is freed."""
+
+    def __init__(self, path: str | os.PathLike, detail: str = ""):
+        super().__init__(f"{path}: no space left on device{f' ({detail})' if detail else ''}; free some space and run "
+                         f"the same command again: finished work is kept")
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """ENOSPC/EDQUOT, also as libraries that do not raise OSError word it (safetensors' StorageFull, torch.save's
+    failed stream write)."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(err)
+    return "No space left on device" in text or "StorageFull" in text or "Disk quota exceeded" in text
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, holder: str, enabled: bool = True) -> Iterator[None]:
+    """`lock_folder` for the length of a block (enabled: only one process of a multi-process run takes it)."""
+    fd = lock_folder(folder, holder) if enabled else None
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def lock_folder(folder: str | os.PathLike, holder: str) -> int:
+    """An exclusive lock on the folder itself (flock on its descriptor): no lock file is left behind, and the kernel
+    releases it when the holder dies, even by SIGKILL, so a killed run never leaves a stale lock. Returns the
+    descriptor to keep open while writing; a second writer gets one line naming the folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UserError(f"{folder}: another {holder} is writing there; wait for it to finish, or choose another folder") from None
+    return fd
 
 
 def cli_main(main: Callable[[], Any]) -> Callable[[], None]:
@@ -44,9 +90,11 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if is_disk_full(err):
+            raise DiskFull(path) from None
         raise
 
 

@@ -10,11 +10,14 @@ import os
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
-from args import (DataArguments, DeviceArguments, LoraArguments, LossArguments, NegForm, SamplesArguments,
+from args import (DataArguments, DeviceArguments, EngineArguments, LoraArguments, LossArguments, NegForm, SamplesArguments,
                   TeacherServerArguments, TrainRunArguments)
 from arms import DRIVER_ARMS, EVIDENCE_ARMS, check_arms
 from common import UserError
 from flags import check_choices, check_task, script_defaults
+
+
+EMBEDDED_STUDENT = "checkpoints/wordmath-student"  # built by the driver when missing
 
 
 @script_defaults(valid_size=(500, "The round driver's default: every stage holds out the same 500."),
@@ -31,7 +34,7 @@ from flags import check_choices, check_task, script_defaults
                             "was the least harmful (experiments/RESULTS.md)."),
                  cl_neg_form=("gold", "The rounds use gold, the form the controlled runs measured."))
 class RoundsArguments(DataArguments, DeviceArguments, LoraArguments, LossArguments, TrainRunArguments,
-                      SamplesArguments, TeacherServerArguments):
+                      SamplesArguments, TeacherServerArguments, EngineArguments):
     """The round driver. Defaults run the embedded demo: wordmath, the offline teacher, a tiny student, CPU.
 
     The flags it shares with a stage (they are declared once, in the groups above) are passed to that stage
@@ -40,7 +43,7 @@ class RoundsArguments(DataArguments, DeviceArguments, LoraArguments, LossArgumen
                               "eval_limit": ">=0", "eval_batch": ">=1", "warm_steps": ">=0", "jobs": ">=1",
                               "annotate_limit": ">=0"}
     ARMS: ClassVar[dict] = DRIVER_ARMS  # what --arms may name
-    student: str = field(default="checkpoints/wordmath-student", metadata={"help": "Round-0 student (hub name or folder). The embedded one is built if missing."})
+    student: str = field(default=EMBEDDED_STUDENT, metadata={"help": "Round-0 student (hub name or folder). The embedded one is built if missing."})
     workdir: str = field(default="runs/demo", metadata={"help": "One folder per round inside, plus rounds.json and rounds.png."})
     rounds: int = field(default=2, metadata={"help": "Number of rounds."})
     start_round: int = field(default=1, metadata={"help": "Skip rounds before this one (their manifests must exist)."})

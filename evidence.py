@@ -125,13 +125,18 @@ class ArmDriver(RoundDriver):
         return self.teacher("annotate", self.round_dir(arm, r) / "teacher", limit=a.annotate_limit,
                             random_questions=min(asked, self.train_size()), seed=a.seed + UNTAILORED_SEED_OFFSET)
 
-    def train_settings(self, arm: str, r: int) -> dict:
+    def planned_rounds(self) -> list[tuple[str, int]]:
+        return [(arm, EVIDENCE_ARMS[arm].round) for arm in self.arms if arm != "student"]
+
+    def train_settings(self, arm: str, r: int, planning: bool = False) -> dict:
         spec, a = EVIDENCE_ARMS[arm], self.args
         settings = {"contrastive": spec.contrastive}
         if spec.prefer:
             settings.update(cl_loss=a.prefer_loss, cl_beta=a.prefer_beta, cl_gamma=a.prefer_gamma,
                             cl_neg_form=a.prefer_neg_form)
-        if spec.data == "same":  # the steps tailored's round trained, read from its trainer's summary
+        if spec.data == "same" and planning:
+            settings["max_steps"] = 1
+        elif spec.data == "same":  # the steps tailored's round trained, read from its trainer's summary
             settings["max_steps"] = read_json(self.round_dir("tailored", r) / "train" / "train_summary.json")["steps"]
         return settings
 
@@ -172,6 +177,12 @@ def check_workdir(args: EvidenceArguments, root: Path) -> None:
                             f"or the same flags")
     else:
         atomic_write_json(path, settings)
+
+
+def preflight(args: EvidenceArguments) -> None:
+    """Every seed's stages, checked before the first (rounds.RoundDriver.preflight)."""
+    for seed in seeds_of(args):
+        ArmDriver(args, seed).preflight()
 
 
 def run(args: EvidenceArguments) -> dict:

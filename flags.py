@@ -99,16 +99,17 @@ def script_defaults(**defaults):
     """Class decorator in place of @dataclass: this script's own defaults for flags declared once in the groups
     it is composed of, which keep their type, bounds and help. A value (default, note) adds why to the help."""
     def build(cls):
-        declared = {f.name: f for base in cls.__mro__[1:] if hasattr(base, "__dataclass_fields__") for f in fields(base)}
+        declared = {f.name: (f, base) for base in reversed(cls.__mro__[1:]) if hasattr(base, "__dataclass_fields__")
+                    for f in fields(base)}
         annotations = cls.__dict__.get("__annotations__", {})
         for name, value in defaults.items():
             default, note = value if isinstance(value, tuple) else (value, "")
-            inherited = declared[name]
+            inherited, owner = declared[name]
             metadata = dict(inherited.metadata)
             if note:
                 metadata["help"] = f"{metadata.get('help', '')} {note}".strip()
             setattr(cls, name, field(default=default, metadata=metadata))
-            annotations[name] = inherited.type
+            annotations[name] = get_type_hints(owner)[name]  # resolved where declared: this module may not know its name
         cls.__annotations__ = annotations
         return dataclass(cls)
     return build

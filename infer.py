@@ -12,6 +12,7 @@ questions that file marks wrong, each prompt block with a line naming its answer
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -75,12 +76,12 @@ def setup(args, keep: set[str] | None = None):
         if not examples:
             raise UserError(f"--hint_filter_path: none of its wrong questions is in split {args.test_on} of {task.name}")
     demos = demos_for(args, task)
-    from model_loading import load_model  # torch and transformers: after the flags and inputs are checked
+    from generation import engine_class  # torch and transformers: after the flags and inputs are checked
 
-    model, tokenizer = load_model(args.model_path, inference_dtype(args), args.trust_remote_code,
-                                  flag="--checkpoint" if args.checkpoint else "--load", allow_pickle=args.allow_pickle,
-                                  tokenizer_fallback=base_model(args) if args.checkpoint else None)
-    model.to(distributed.device())
+    model, tokenizer = engine_class(args.engine).load(
+        args.model_path, inference_dtype(args), flag="--checkpoint" if args.checkpoint else "--load",
+        trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
+        tokenizer_fallback=base_model(args) if args.checkpoint else None, seed=args.seed, prefix_cache=args.prefix_cache)
     return task, examples, demos, model, tokenizer
 
 
@@ -112,28 +113,50 @@ def acc_file(args, task, examples, result: dict, gen_config: dict) -> dict:
             "accuracy": result["acc"], "strict_accuracy": result["strict_acc"], "strict_correct": result["strict_correct"]}
 
 
+def add_votes(output: dict, summary: dict, outputs: list[list[str]], sampling_config: dict) -> dict:
+    """Each result item gets its samples and their vote; the file gets maj@k and pass@k (returned)."""
+    for item, texts, item_vote in zip(output["results"], outputs, summary.pop("votes")):
+        item["samples"] = texts
+        item["sample_predictions"] = item_vote["predictions"]
+        item["majority_prediction"] = item_vote["majority"]
+        item["majority_correct"] = item_vote["majority_correct"]
+    return {**summary, "gen_config": sampling_config}
+
+
 def run(args: InferArguments) -> dict | None:
     """Evaluate and write Acc<acc>.json; returns the file's content on rank 0 (None elsewhere)."""
     out = Path(args.output_dir or default_output_dir(args, "eval"))
     check_output_dir(out, "--output_dir")
     keep = wrong_questions(args.hint_filter_path) if args.hint else None
     task, examples, demos, model, tokenizer = setup(args, keep)
-    from generation import SamplingConfig, evaluate, generation_settings
+    from generation import SamplingConfig, evaluate, gen_config, generate, self_consistency
 
     prompts = [build_prompt(task, ex, demos, args.rationale) for ex in examples]
     if args.hint:
         prompts = [add_hints(task, prompt, ex.gold) for prompt, ex in zip(prompts, examples)]
     cfg = SamplingConfig(max_new_tokens=args.max_new_tokens or task.max_new_tokens, batch_size=args.batch,
-                         suppress_special_first=args.decode_eos_token, prefix_cache=args.prefix_cache)
+                         suppress_special_first=args.decode_eos_token, prefix_cache=args.prefix_cache,
+                         engine=args.engine)
     result = evaluate(model, tokenizer, task, examples, demos, args.rationale, cfg,
                       desc=f"eval {task.name}/{args.test_on}", prompts=prompts)
     if result is None:
         return None
-    output = acc_file(args, task, examples, result, generation_settings(tokenizer, cfg))
+    output = acc_file(args, task, examples, result, gen_config(tokenizer, cfg))
+    sampled = ""
+    if args.self_consistency:
+        sampling = replace(cfg, do_sample=True, num_samples=args.self_consistency, temperature=args.temperature,
+                           top_k=args.top_k, seed=args.seed)
+        outputs = generate(model, tokenizer, prompts, sampling, desc=f"maj@{args.self_consistency} {task.name}/{args.test_on}")
+        if outputs is None:
+            return None
+        output["self_consistency"] = add_votes(output, self_consistency(task, examples, outputs, args.rationale),
+                                               outputs, gen_config(tokenizer, sampling))
+        k = args.self_consistency
+        sampled = f", maj@{k} {output['self_consistency'][f'maj@{k}']:.4f}, pass@{k} {output['self_consistency'][f'pass@{k}']:.4f}"
     path = out / f"Acc{output['acc']:.4f}.json"
     atomic_write_json(path, output)
     print(f"{task.name}/{args.test_on}: accuracy {result['acc']:.4f} ({result['correct']}/{result['total']}), "
-          f"strict {result['strict_acc']:.4f} ({result['strict_correct']}/{result['total']})  -> {path}")
+          f"strict {result['strict_acc']:.4f} ({result['strict_correct']}/{result['total']}){sampled}  -> {path}")
     return {**output, "path": str(path)}
 
 

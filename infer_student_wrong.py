@@ -40,12 +40,13 @@ def run(args: ExamArguments) -> dict | None:
     out = Path(args.output_dir or default_output_dir(args, "exam"))
     check_output_dir(out, "--output_dir")
     task, examples, demos, model, tokenizer = setup(args)
-    from generation import SamplingConfig, generate, generation_settings  # after the flags are checked
+    from generation import SamplingConfig, gen_config, generate, self_consistency  # after the flags are checked
 
     n_samples = args.num_return_sequences
     cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch, do_sample=True,
                          num_samples=n_samples, temperature=args.temperature, top_k=args.top_k, seed=args.seed,
-                         suppress_special_first=args.decode_eos_token, prefix_cache=args.prefix_cache)
+                         suppress_special_first=args.decode_eos_token, prefix_cache=args.prefix_cache,
+                         engine=args.engine)
     prompts = [build_prompt(task, ex, demos, args.rationale) for ex in examples]
     outputs = generate(model, tokenizer, prompts, cfg, desc=f"exam {task.name}/{args.test_on}")
     if outputs is None:
@@ -57,13 +58,15 @@ def run(args: ExamArguments) -> dict | None:
                "accuracy": sum(per_question) / max(1, len(samples)),
                "strict_accuracy": sum(s["strict_correct"] for s in samples) / max(1, len(samples)),
                f"pass@{n_samples}": sum(c > 0 for c in per_question) / max(1, n),
+               f"maj@{n_samples}": self_consistency(task, examples, outputs, args.rationale)[f"maj@{n_samples}"],
                "questions_with_mistakes": len(wrong), "wrong_rationales": sum(map(len, wrong.values())),
-               "gen_config": generation_settings(tokenizer, cfg), "seconds": round(time.time() - started, 1)}
+               "gen_config": gen_config(tokenizer, cfg), "seconds": round(time.time() - started, 1)}
     atomic_write_jsonl(out / "samples.jsonl", samples)
     atomic_write_json(out / "student_wrong.json", wrong)
     atomic_write_json(out / "summary.json", summary)
     print(f"exam {task.name}/{args.test_on}: {n} questions x {n_samples} samples, sample accuracy "
           f"{summary['accuracy']:.4f}, pass@{n_samples} {summary[f'pass@{n_samples}']:.4f}, "
+          f"maj@{n_samples} {summary[f'maj@{n_samples}']:.4f}, "
           f"{summary['wrong_rationales']} wrong rationales on {len(wrong)} questions -> {out / 'student_wrong.json'}")
     return summary
 

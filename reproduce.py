@@ -41,6 +41,7 @@ def main() -> None:
         check_learning_rate(args, argv)
         if args.threads:
             os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))  # the stages inherit it
+        evidence.preflight(args)  # every stage's settings and inputs, before anything is written
         prepare_embedded(args)
         evidence.run(args)
 

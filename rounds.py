@@ -19,9 +19,11 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Callable
 
+import distributed
 from arms import DRIVER_ARMS
-from common import UserError, atomic_write_json, read_json
-from flags import to_argv
+from common import UserError, atomic_write_json, looks_local, read_json
+from driver_args import EMBEDDED_STUDENT
+from flags import device_list, to_argv
 from stage_process import run_command, run_jobs, say, stage_lock
 from stages import EVALUATION, EXAM, TEACHER, TRAINING, Stage
 
@@ -126,9 +128,46 @@ class RoundDriver:
             return self.teacher("annotate", self.workdir / "round1" / "teacher", limit=self.args.annotate_limit)
         return self.teacher("feedback", self.round_dir(arm, r) / "teacher", exam["student_wrong"])
 
-    def train_settings(self, arm: str, r: int) -> dict:
-        """Training flags of this arm's round beyond the driver's own (at least `contrastive`)."""
+    def train_settings(self, arm: str, r: int, planning: bool = False) -> dict:
+        """Training flags of this arm's round beyond the driver's own (at least `contrastive`). planning: before
+        the run (`preflight`), a value read from an earlier stage's output is a stand-in of the same type."""
         return {"contrastive": DRIVER_ARMS[arm].contrastive}
+
+    # ------------------------------------------------------------ before the first stage
+    def planned_rounds(self) -> list[tuple[str, int]]:
+        return [(arm, r) for arm in self.arms for r in range(self.args.start_round, self.args.rounds + 1)]
+
+    def preflight(self) -> None:
+        """Everything a run can be refused for, checked before its first stage (exit 2, nothing written): the
+        devices, the engine, the student folder, the manifests of the rounds it skips, and the command of every
+        stage of every planned round, built from the stages' own dataclasses with the paths the run will use."""
+        a = self.args
+        distributed.check_devices(device_list(a.device))
+        if a.engine != "hf":
+            from generation import engine_class
+            engine_class(a.engine)  # a missing library is one line naming its install command
+        check_student_folder(a.student)
+        for arm in self.arms:
+            for r in range(1, a.start_round):
+                path = self.round_dir(arm, r) / "manifest.json"
+                if not path.is_file():
+                    raise UserError(f"--start_round {a.start_round}: round {r} of arm {arm} has no {path}; run it first")
+                manifest = read_json(path)
+                if not isinstance(manifest, dict) or "checkpoint" not in manifest:
+                    raise UserError(f"{self.round_dir(arm, r) / 'manifest.json'}: not a finished round's manifest "
+                                    f"(no 'checkpoint'); run round {r} again")
+        for split in self.splits:
+            self.eval_command(a.student, self.workdir / "round0" / f"eval_{split}", split)
+        for arm, r in self.planned_rounds():
+            folder = self.round_dir(arm, r)
+            exam = self.exam_dir(arm, r)
+            self.exam_command(a.student, exam)
+            self.teacher_command("annotate", folder / "teacher", None, limit=a.annotate_limit)
+            self.teacher_command("feedback", folder / "teacher", str(exam / "student_wrong.json"))
+            self.train_command(a.student, str(folder / "teacher" / "teacher_data.json"), str(exam / "student_wrong.json"),
+                               folder / "train", **self.train_settings(arm, r, planning=True))
+            for split in self.splits:
+                self.eval_command(str(folder / "train" / "final"), folder / f"eval_{split}", split)
 
     def run_round(self, arm: str, r: int) -> dict:
         started = time.time()
@@ -169,12 +208,6 @@ class RoundDriver:
 
     def run(self) -> dict:
         a = self.args
-        for r in range(1, a.start_round):  # before any work: a bad --start_round costs nothing
-            for arm in self.arms:
-                manifest = self.round_dir(arm, r) / "manifest.json"
-                if not manifest.is_file():
-                    raise UserError(f"--start_round {a.start_round}: round {r} of arm {arm} has no {manifest}; "
-                                    f"run it first")
         # Arms are independent once round 1's exam and teacher (shared, run by whichever arm comes first)
         # exist: with --jobs 2 the first arm starts on them while the round-0 evaluations run beside it.
         folder = self.workdir / "round0"
@@ -190,6 +223,24 @@ class RoundDriver:
         print_table(result)
         plot(result, self.workdir / "rounds.png")
         return result
+
+
+def check_student_folder(student: str) -> None:
+    """A local round-0 student must be a model folder with a tokenizer (the embedded one may not exist yet: the
+    driver builds it)."""
+    from model_loading import TOKENIZER_FILES
+
+    folder = Path(student)
+    if not looks_local(student) or (student == EMBEDDED_STUDENT and not folder.exists()):
+        return
+    if not folder.is_dir():
+        raise UserError(f"--student: {student} is not a folder (a model folder, or a hub name org/name)")
+    if not (folder / "config.json").is_file():
+        raise UserError(f"--student: {student} holds no config.json: not a model folder")
+    if not (any(folder.glob("*.safetensors")) or any(folder.glob("*.safetensors.index.json")) or any(folder.glob("*.bin"))):
+        raise UserError(f"--student: {student} holds no model weights (*.safetensors)")
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise UserError(f"--student: {student} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
 
 
 def table_rows(result: dict) -> list[dict]:

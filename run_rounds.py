@@ -16,13 +16,11 @@ import sys
 from pathlib import Path
 
 from common import UserError, cli_main
-from driver_args import RoundsArguments
+from driver_args import EMBEDDED_STUDENT, RoundsArguments
 from flags import parse
 from rounds import RoundDriver
 from stage_process import driver_exits, run_command
 from tasks import PROMPT_FORMAT, TASKS
-
-EMBEDDED_STUDENT = "checkpoints/wordmath-student"
 
 
 def prepare_embedded(args: RoundsArguments) -> None:
@@ -58,8 +56,10 @@ def main() -> None:
     with driver_exits():
         args = parse(RoundsArguments)
         check_learning_rate(args, sys.argv[1:])
+        driver = RoundDriver(args)
+        driver.preflight()  # every stage's settings and inputs, before anything is written
         prepare_embedded(args)
-        RoundDriver(args).run()
+        driver.run()
 
 
 if __name__ == "__main__":

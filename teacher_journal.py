@@ -5,7 +5,7 @@ sampling parameters), so the journal answers a repeated request instead of the t
 """
 from __future__ import annotations
 
-import fcntl
+import errno
 import hashlib
 import json
 import math
@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import UserError, read_json
+from common import DiskFull, UserError, is_disk_full, lock_folder, read_json
 from tasks import Example
 from teacher_templates import Prompt
 
@@ -133,15 +133,7 @@ class Journal:
         self._write_lock = threading.Lock()
 
     def lock(self) -> None:
-        """Lock the folder itself (flock works on directory fds): no lock file is left behind."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._lock_fd)
-            self._lock_fd = None
-            raise UserError(f"{self.path.parent}: another teacher collection is writing there") from None
+        self._lock_fd = lock_folder(self.path.parent, "teacher collection")
 
     def load(self, repair: bool = True) -> dict[str, dict]:
         if not self.path.is_file():
@@ -166,14 +158,26 @@ class Journal:
         return records
 
     def append(self, record: dict) -> None:
-        """Thread-safe: the collector appends from worker threads so fsync does not stall the event loop."""
+        """Thread-safe: the collector appends from worker threads so fsync does not stall the event loop. A write
+        that fails partway (a full disk) is cut back off, so the file still ends on a whole record."""
         line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
         with self._write_lock:
             if self._fd is None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            os.write(self._fd, line)
-        os.fsync(self._fd)
+            end = os.lseek(self._fd, 0, os.SEEK_END)
+            try:
+                if os.write(self._fd, line) != len(line):
+                    raise OSError(errno.ENOSPC, "short write")
+                os.fsync(self._fd)
+            except OSError as err:
+                try:
+                    os.ftruncate(self._fd, end)
+                except OSError:
+                    pass
+                if is_disk_full(err):
+                    raise DiskFull(self.path) from None
+                raise
 
     def close(self) -> None:
         for fd in (self._fd, self._lock_fd):

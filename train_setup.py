@@ -6,20 +6,25 @@ imported (distributed.script_main imports this module only then).
 from __future__ import annotations
 
 import copy
+import json
 import random
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
+from typing import Iterator
 
 import torch
+from safetensors import safe_open
 from transformers import TrainingArguments
 
 import distributed
 import hf_compat
 import precision
 from args import ORIGINAL_TRAIN_DEFAULTS
-from common import UserError, atomic_write_json, check_output_dir, read_json, redact, set_seed
+from common import (DiskFull, UserError, atomic_write_json, check_output_dir, folder_lock, is_disk_full, read_json,
+                    redact, set_seed)
 from flags import as_dict, differing_defaults
 from generation import SamplingConfig
 from hf_internals import enable_checkpointing
@@ -81,6 +86,19 @@ def run_training(args) -> dict:
                             cl_neg_num=args.cl_neg_num, seed=args.seed, cl_neg_form=args.cl_neg_form,
                             answer_filter=args.answer_filter)
     sample_teacher_rows(data, args.teacher_data_random, args.seed)
+    questions = len({row.qid for row in data.rows})
+    if args.per_device_train_batch_size > questions:  # before the weights load: the sampler would say so only then
+        raise UserError(f"--train_bsz {args.per_device_train_batch_size} is larger than the number of distinct training "
+                        f"questions ({questions}); a batch may not hold the same question twice")
+    # one writer per output folder (the kernel drops the lock when this process ends, however it ends)
+    with folder_lock(output_dir, "training run", enabled=distributed.is_main()):
+        return train_and_save(args, task, data, tokenizer, config, loss_cfg, ds_config, output_dir, resume_from, model_path,
+                              flag, demos, rationale, started)
+
+
+def train_and_save(args, task, data, tokenizer, config, loss_cfg, ds_config, output_dir, resume_from, model_path, flag, demos,
+                   rationale, started) -> dict:
+    """The run itself, once every input is read and checked and the output folder is this run's."""
     if distributed.is_main():
         print("training data: " + ", ".join(f"{k} {v}" for k, v in data.counts.items()))
         world = distributed.world_size()
@@ -118,16 +136,18 @@ def run_training(args) -> dict:
     resume = checkpoint_to_resume(args, output_dir, resume_from)
     if resume:
         trainer.loss_before_resume = LossTotalCallback.read(Path(resume)) or trainer.loss_before_resume
-    result = trainer.train(resume_from_checkpoint=resume)
+    with disk_full_names(output_dir):
+        result = trainer.train(resume_from_checkpoint=resume)
     steps_before, loss_before = trainer.loss_before_resume
     steps_now = trainer.state.global_step - steps_before
     train_loss = (loss_before + result.training_loss * steps_now) / max(trainer.state.global_step, 1)
 
     final = Path(output_dir) / "final"
-    if args.lora_r > 0:
-        save_lora(trainer, final, Path(output_dir) / ADAPTER_DIR)
-    else:
-        trainer.save_model(str(final))  # gathers ZeRO-3 shards into one safetensors file
+    with disk_full_names(final):  # run_args.json, written last, is what says `final` is complete
+        if args.lora_r > 0:
+            save_lora(trainer, final, Path(output_dir) / ADAPTER_DIR)
+        else:
+            trainer.save_model(str(final))  # gathers ZeRO-3 shards into one safetensors file
     summary = {"output_dir": output_dir, "final_checkpoint": str(final), "steps": trainer.state.global_step,
                "train_loss": train_loss, "seconds": round(time.time() - started, 1),
                "data": data.counts, "eval": trainer.eval_history}
@@ -140,6 +160,39 @@ def run_training(args) -> dict:
     return summary
 
 
+@contextmanager
+def disk_full_names(folder: str | Path) -> Iterator[None]:
+    """A full disk while the Trainer saves (safetensors and torch.save word it in their own errors) is one line
+    naming the folder. The checkpoint cut short has no trainer_state.json, written last, so --resume skips it."""
+    try:
+        yield
+    except Exception as err:
+        if is_disk_full(err):
+            raise DiskFull(folder, "while saving a checkpoint") from None
+        raise
+
+
+def checkpoint_damage(folder: Path) -> str | None:
+    """Why training cannot continue from this checkpoint folder, or None when it can."""
+    state = folder / "trainer_state.json"
+    if not state.is_file():
+        return "no trainer_state.json: the save was cut short"
+    try:
+        json.loads(state.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return "its trainer_state.json is empty or not JSON"
+    weights = list(folder.glob("*.safetensors"))
+    if not weights and not list(folder.glob("global_step*")):
+        return "no weights in it (*.safetensors or DeepSpeed's global_step* folder)"
+    for file in weights:
+        try:
+            with safe_open(file, "pt"):  # reads the header only
+                pass
+        except Exception:  # safetensors raises its own error types for a truncated or garbled file
+            return f"its {file.name} cannot be read"
+    return None
+
+
 def check_resume(args) -> str | None:
     """--resume PATH: the checkpoint folder to continue from (checked here); None for yes/no."""
     path = args.resume_path
@@ -147,8 +200,9 @@ def check_resume(args) -> str | None:
         return None
     if not Path(path).is_dir():
         raise UserError(f"--resume: {path} is not a folder (expected a checkpoint-<step> folder, or yes/no)")
-    if not (Path(path) / "trainer_state.json").is_file():
-        raise UserError(f"--resume: {path} has no trainer_state.json: not a complete training checkpoint")
+    damage = checkpoint_damage(Path(path))
+    if damage:
+        raise UserError(f"--resume: cannot continue from {path}: {damage}")
     return path
 
 
@@ -249,13 +303,17 @@ def checkpoint_to_resume(args, output_dir: str, resume_from: str | None) -> str 
     if any; else None (a fresh start)."""
     resume = resume_from
     if args.resume_requested and resume is None:
-        # trainer_state.json is written last: a checkpoint without it was cut short by the interruption
-        checkpoints = sorted((p for p in Path(output_dir).glob("checkpoint-*") if (p / "trainer_state.json").is_file()),
-                             key=lambda p: int(p.name.split("-")[1]))
-        if checkpoints:
-            resume = str(checkpoints[-1])
-        elif distributed.is_main():
-            print(f"--resume: no checkpoint in {output_dir} yet; starting from the beginning")
+        checkpoints = sorted((p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-")[1].isdigit()),
+                             key=lambda p: int(p.name.split("-")[1]), reverse=True)
+        for checkpoint in checkpoints:  # the newest that is whole: a kill or a full disk may have damaged the last
+            damage = checkpoint_damage(checkpoint)
+            if damage is None:
+                resume = str(checkpoint)
+                break
+            if distributed.is_main():
+                print(f"note: --resume: skipping {checkpoint} ({damage})")
+        if resume is None and distributed.is_main():
+            print(f"--resume: no usable checkpoint in {output_dir} yet; starting from the beginning")
     if resume and distributed.is_main():
         print(f"resuming from {resume}")
     return resume

@@ -55,10 +55,8 @@ def data_dir(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
-def tiny_student(data_dir, tmp_path_factory) -> Path:
-    """A 2-layer GPT-J with its own tokenizer, warm-started for a few seconds: it writes
-    rationales in the right shape, gets some answers right and many wrong."""
+def build_tiny_student(data_dir: Path, out: Path, n_head: int = 4) -> Path:
+    """A 2-layer GPT-J (hidden size 64) with its own tokenizer, warm-started for a few seconds on the train split."""
     import torch
 
     import student
@@ -69,12 +67,18 @@ def tiny_student(data_dir, tmp_path_factory) -> Path:
     train = load_split("wordmath", "train", str(data_dir))
     pairs = [(build_prompt(task, ex), continuation(task, ex, ex.rationale)) for ex in train]
     tokenizer = student.train_tokenizer([p + c for p, c in pairs], vocab_size=400)
-    model = student.build_model(tokenizer, n_layer=2, n_embd=64, n_head=4, n_positions=1024)
+    model = student.build_model(tokenizer, n_layer=2, n_embd=64, n_head=n_head, n_positions=1024)
     student.warm_start(model, tokenizer, pairs, steps=80, batch_size=16, lr=5e-3, log_every=40)
-    out = tmp_path_factory.mktemp("student")
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_student(data_dir, tmp_path_factory) -> Path:
+    """The suite's student (4 heads of 16): it writes rationales in the right shape, gets some answers right
+    and many wrong."""
+    return build_tiny_student(data_dir, tmp_path_factory.mktemp("student"))
 
 
 @pytest.fixture(scope="session")
@@ -101,11 +105,11 @@ def pytest_report_header(config):
     return hf_compat.version_line()
 
 
-# The files that take minutes (chains of stage processes, the transformers-5.17 sub-run, ZeRO-3 runs, the
+# The files that take minutes (chains of stage processes, vLLM engines, the transformers-5.17 sub-run, ZeRO-3 runs, the
 # SmolLM2 conversion), slowest first. xdist's loadfile hands files to workers in collection order: starting
 # with these, the short files fill in around them instead of one long file running alone at the end.
-SLOW_FILES = ("test_reproduce.py", "test_rounds.py", "test_real_student.py", "test_experiments.py", "test_versions.py",
-              "test_trainer.py", "test_stage_process.py", "test_teacher_hardening.py", "test_precision.py", "test_lora.py")
+SLOW_FILES = ("test_reproduce.py", "test_rounds.py", "test_vllm_engine.py", "test_real_student.py", "test_experiments.py",
+              "test_versions.py", "test_trainer.py", "test_stage_process.py", "test_teacher_hardening.py", "test_precision.py", "test_lora.py")
 
 
 def pytest_collection_modifyitems(config, items):

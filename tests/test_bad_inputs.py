@@ -83,6 +83,14 @@ CASES = {
     "train batch 0": Case("train", ["--train_bsz", "0"], "--train_bsz"),
     "train teacher_data_random 2": Case("train", ["--teacher_data_random", "2"], "--teacher_data_random"),
     "train cl_neg_form bogus": Case("train", ["--cl_neg_form", "bogus"], "--cl_neg_form"),
+    "train lr_scheduler_type bogus": Case("train", ["--lr_scheduler_type", "bogus"], "--lr_scheduler_type"),
+    "train lr_scheduler_type needing kwargs": Case("train", ["--lr_scheduler_type", "cosine_with_min_lr"], "--lr_scheduler_type"),
+    "train save_strategy bogus": Case("train", ["--save_strategy", "sometimes"], "--save_strategy"),
+    "train save_strategy best": Case("train", ["--save_strategy", "best"], "--save_strategy"),
+    "rounds lr_scheduler_type bogus": Case("rounds", ["--lr_scheduler_type", "bogus"], "--lr_scheduler_type"),
+    "infer engine bogus": Case("infer", ["--engine", "tgi"], "--engine"),
+    "exam temperature 0": Case("exam", ["--temperature", "0"], "--temperature"),
+    "infer self_consistency -1": Case("infer", ["--self_consistency", "-1"], "--self_consistency"),
     "train first eval without eval": Case("train", ["--do_first_eval", "yes"], "--do_first_eval"),
     "train cl_clip without lm loss": Case("train", ["--mle", "no", "--cl_clip", "yes", "--contrastive", "yes",
                                                     "--cl_pos_path", "{teacher}", "--cl_neg_path", "{teacher}"], "--cl_clip"),
@@ -109,7 +117,12 @@ CASES = {
     "rounds unknown arm": Case("rounds", ["--arms", "lm,magic"], "--arms"),
     "rounds unknown backend": Case("rounds", ["--backend", "carrier-pigeon"], "--backend"),
     "rounds lr -1": Case("rounds", ["--lr", "-1"], "--lr"),
-    "rounds real student without lr": Case("rounds", [], "--lr"),  # the toy student's rate is not a default for others
+    "rounds real student without lr": Case("rounds", [], "--lr"),
+    # ---- the drivers check every stage before the first one runs
+    "rounds device without that gpu": Case("rounds", ["--lr", "1e-3", "--device", "99"], "--device 99"),
+    "rounds student is a file": Case("rounds", ["--lr", "1e-3", "--student", "{file}"], "--student"),
+    "rounds student without weights": Case("rounds", ["--lr", "1e-3", "--student", "{out}"], "--student"),
+    "rounds engine vllm missing": Case("rounds", ["--lr", "1e-3", "--engine", "vllm"], "--engine vllm"),  # the toy student's rate is not a default for others
 }
 
 
@@ -250,3 +263,16 @@ def test_help_and_bad_flags_answer_before_torch_is_imported(argv):
     code, torch_imported = last.split()[1], last.split()[2]
     assert code in ("0", "2", "None"), done.stdout + done.stderr
     assert torch_imported == "False", f"{' '.join(argv)} imported torch before answering"
+
+
+def test_enum_flags_passed_to_training_arguments_follow_the_library():
+    """--lr_scheduler_type and --save_strategy offer transformers' own values, less those named with a reason."""
+    from typing import get_args
+
+    from transformers.trainer_utils import SaveStrategy, SchedulerType
+
+    import args as args_mod
+    offered = set(get_args(args_mod.LrScheduler)) - {"warmup_log"}
+    library = {s.value for s in SchedulerType}
+    assert offered | set(args_mod.SCHEDULERS_LEFT_OUT) == library and not offered & set(args_mod.SCHEDULERS_LEFT_OUT)
+    assert set(get_args(args_mod.SaveStrategy)) == {s.value for s in SaveStrategy} - {"best"}

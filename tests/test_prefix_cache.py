@@ -93,7 +93,7 @@ def test_the_stored_prefix_cache_is_left_unchanged_by_batches(student, fewshot_p
     prefix = engine.prefix
     keys = [layer.keys.clone() for layer in prefix.cache.layers]
     for start in (0, 3):
-        engine.complete(ids[start:start + 3], cfg, seed=0)
+        engine.complete(ids[start:start + 3], cfg, seed=0, indices=list(range(start, start + 3)))
     assert prefix.cache.get_seq_length() == prefix.length
     assert all(torch.equal(layer.keys, k) and layer.keys.shape[0] == 1 for layer, k in zip(prefix.cache.layers, keys))
 

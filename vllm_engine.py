@@ -59,8 +59,7 @@ def sampling_params(tokenizer, cfg: SamplingConfig, seed: int | None = None) -> 
     """vLLM's SamplingParams for `cfg`, as plain values (also what gen_config records, without the seed)."""
     params = dict(n=cfg.num_samples, max_tokens=cfg.max_new_tokens, stop=[STOP], skip_special_tokens=True)
     if cfg.do_sample:
-        # top_k 0 means "all tokens" in both libraries
-        params.update(temperature=cfg.temperature, top_k=cfg.top_k if cfg.top_k > 0 else 0)
+        params.update(temperature=cfg.temperature, top_k=cfg.top_k)  # top_k 0: every token, in both libraries
     else:
         params.update(temperature=0.0)
     if cfg.suppress_special_first:

@@ -206,6 +206,9 @@ def test_resume_path_must_be_a_checkpoint(tmp_path):
     with pytest.raises(UserError, match="trainer_state.json"):
         check_resume(Args)
     (tmp_path / "checkpoint-3" / "trainer_state.json").write_text("{}")
+    with pytest.raises(UserError, match="no weights"):
+        check_resume(Args)
+    (tmp_path / "checkpoint-3" / "global_step3").mkdir()  # DeepSpeed's shards
     assert check_resume(Args) == str(tmp_path / "checkpoint-3")
 
 

@@ -339,8 +339,12 @@ def driver_argv(data_dir: Path, workdir: Path, *extra: str) -> list[str]:
 
 def round_one_up_to_the_teacher(tmp_path: Path) -> tuple[Path, Path]:
     """A workdir whose round-0 evaluation and round-1 exam are done, so the first stage the driver
-    runs is the teacher's (no model is loaded)."""
+    runs is the teacher's (no model is loaded: the student folder only has the shape the driver checks)."""
     data_dir = make_data_dir(tmp_path, n=6)
+    student = tmp_path / "runs" / "student"
+    student.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (student / name).write_text("{}")
     for split in ("validation", "test"):  # the embedded task's data counts as prepared
         (data_dir / "wordmath" / f"{split}.jsonl").write_text((data_dir / "wordmath" / "train.jsonl").read_text())
     workdir = tmp_path / "runs"

@@ -40,10 +40,16 @@ def lora_targets(model: torch.nn.Module, spec: str = "auto") -> list[str]:
         names = [name.strip() for name in spec.split(",")]
         modules = [name for name, _ in model.named_modules() if name]
         missing = [target for target in names if not any(_matches(name, target) for name in modules)]
+        leaves = ", ".join(sorted({name.rsplit(".", 1)[-1] for name in linear})) or "none"
         if missing:
-            leaves = sorted({name.rsplit(".", 1)[-1] for name in linear})
-            raise UserError(f"--lora_targets: no module named {', '.join(missing)} in this model "
-                            f"(its linear layers: {', '.join(leaves) or 'none'})")
+            raise UserError(f"--lora_targets: no module named {', '.join(missing)} in this model (its linear layers: {leaves})")
+        # peft would refuse a whole block with its printed structure, many lines long
+        kinds = {target: type(module).__name__ for target in names for name, module in model.named_modules()
+                 if _matches(name, target) and not any(_matches(layer, target) for layer in linear)}
+        if kinds:
+            named = ", ".join(f"{target} (a {kind})" for target, kind in kinds.items())
+            raise UserError(f"--lora_targets: {named} is not a linear layer; LoRA goes on linear layers (this model's: "
+                            f"{leaves})")
         return names
     chosen = [name for name in linear
               if any(part in piece.lower() for piece in name.split(".")[:-1] for part in ATTENTION_PARTS)] or linear
@@ -86,7 +92,8 @@ def add_lora(model: torch.nn.Module, args) -> torch.nn.Module:
     try:
         model = get_peft_model(model, config)
     except (ValueError, TypeError) as err:
-        raise UserError(f"--lora_targets {args.lora_targets}: {err}") from None
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"--lora_targets {args.lora_targets}: {first[:300]}") from None
     trainable, total = model.get_nb_trainable_parameters()  # counts ZeRO-3 partitioned parameters whole
     if distributed.is_main():
         print(f"lora: r {args.lora_r}, alpha {args.lora_alpha:g}, dropout {args.lora_dropout:g}; trainable parameters "

@@ -103,6 +103,7 @@ CASES = {
     "train resume path missing": Case("train", ["--resume", "{out}/checkpoint-7"], "--resume"),
     "train output_dir is a file": Case("train", ["--output_dir", "{file}"], "--output_dir"),
     "train truncated safetensors": Case("train", ["--checkpoint", "{bad_model:weights}"], "--checkpoint"),
+    "train lora target not a linear layer": Case("train", ["--lora_r", "4", "--lora_targets", "attn"], "not a linear layer"),
     "train model folder without a tokenizer": Case("train", ["--load", "{bad_model:tokenizer}"], "holds no tokenizer"),
     "train world_size not a multiple": Case("train", ["--device", "0,1", "--world_size", "3"], "--world_size"),
     "train null question in train": Case("train", ["--data_dir", "{bad_data:null_question}"], "train.jsonl"),

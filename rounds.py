@@ -21,7 +21,7 @@ from typing import Callable
 
 import distributed
 from arms import DRIVER_ARMS
-from common import UserError, atomic_write_json, looks_local, read_json
+from common import UserError, atomic_write_json, read_json
 from driver_args import EMBEDDED_STUDENT
 from flags import device_list, to_argv
 from stage_process import run_command, run_jobs, say, stage_lock
@@ -154,8 +154,7 @@ class RoundDriver:
                     raise UserError(f"--start_round {a.start_round}: round {r} of arm {arm} has no {path}; run it first")
                 manifest = read_json(path)
                 if not isinstance(manifest, dict) or "checkpoint" not in manifest:
-                    raise UserError(f"{self.round_dir(arm, r) / 'manifest.json'}: not a finished round's manifest "
-                                    f"(no 'checkpoint'); run round {r} again")
+                    raise UserError(f"{path}: not a finished round's manifest (no 'checkpoint'); run round {r} again")
         for split in self.splits:
             self.eval_command(a.student, self.workdir / "round0" / f"eval_{split}", split)
         for arm, r in self.planned_rounds():
@@ -228,18 +227,15 @@ class RoundDriver:
 def check_student_folder(student: str) -> None:
     """A local round-0 student must be a model folder with a tokenizer (the embedded one may not exist yet: the
     driver builds it)."""
-    from model_loading import TOKENIZER_FILES
+    from model_loading import TOKENIZER_FILES, check_model_path, holds_tokenizer
 
-    folder = Path(student)
-    if not looks_local(student) or (student == EMBEDDED_STUDENT and not folder.exists()):
+    if student == EMBEDDED_STUDENT and not Path(student).exists():
         return
-    if not folder.is_dir():
-        raise UserError(f"--student: {student} is not a folder (a model folder, or a hub name org/name)")
-    if not (folder / "config.json").is_file():
+    check_model_path(student, "--student")
+    folder = Path(student)
+    if folder.is_dir() and not (folder / "config.json").is_file():
         raise UserError(f"--student: {student} holds no config.json: not a model folder")
-    if not (any(folder.glob("*.safetensors")) or any(folder.glob("*.safetensors.index.json")) or any(folder.glob("*.bin"))):
-        raise UserError(f"--student: {student} holds no model weights (*.safetensors)")
-    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+    if folder.is_dir() and not holds_tokenizer(folder):
         raise UserError(f"--student: {student} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
 
 

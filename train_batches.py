@@ -54,6 +54,13 @@ class TailoredDataset(torch.utils.data.Dataset):
 
 # ---------------------------------------------------------------- batches
 
+def check_batch_fits(batch_size: int, questions: int, flag: str = "") -> None:
+    """A batch holds distinct questions, so it can hold no more than there are."""
+    if batch_size > questions:
+        raise UserError(f"{flag or 'batch size'} {batch_size} is larger than the number of distinct training questions "
+                        f"({questions}); a batch may not hold the same question twice")
+
+
 class UniqueQuestionBatchSampler(torch.utils.data.Sampler):
     """Global batches of `batch_size` row indices; a question never appears twice in a batch.
 
@@ -71,9 +78,7 @@ class UniqueQuestionBatchSampler(torch.utils.data.Sampler):
         self.groups: dict[Hashable, list[int]] = {}
         for index, question in enumerate(row_questions):
             self.groups.setdefault(question, []).append(index)
-        if len(self.groups) < batch_size:
-            raise UserError(f"batch size {batch_size} is larger than the number of distinct training questions "
-                            f"({len(self.groups)}); a batch may not hold the same question twice")
+        check_batch_fits(batch_size, len(self.groups))
         self.row_questions = list(row_questions)
         self.batch_size = batch_size
         self.seed = seed

@@ -34,7 +34,7 @@ from model_loading import (check_model_path, load_config, load_tokenizer, load_w
                            tokenizer_source)
 from speed import BucketedCollator, check_switches, compile_layers, model_kwargs
 from tasks import get_task, has_validation, load_demos, load_split
-from train_batches import TailoredCollator, TailoredDataset
+from train_batches import TailoredCollator, TailoredDataset, check_batch_fits
 from train_data import build_train_data
 from trainer import WARMUP_LOG, LossTotalCallback, SaveExtrasCallback, TailoredTrainer
 
@@ -86,78 +86,70 @@ def run_training(args) -> dict:
                             cl_neg_num=args.cl_neg_num, seed=args.seed, cl_neg_form=args.cl_neg_form,
                             answer_filter=args.answer_filter)
     sample_teacher_rows(data, args.teacher_data_random, args.seed)
-    questions = len({row.qid for row in data.rows})
-    if args.per_device_train_batch_size > questions:  # before the weights load: the sampler would say so only then
-        raise UserError(f"--train_bsz {args.per_device_train_batch_size} is larger than the number of distinct training "
-                        f"questions ({questions}); a batch may not hold the same question twice")
-    # one writer per output folder (the kernel drops the lock when this process ends, however it ends)
+    # before the weights load: the batch sampler would say so only then
+    check_batch_fits(args.per_device_train_batch_size, len({row.qid for row in data.rows}), "--train_bsz")
+    # one writer per output folder, from here on (the kernel drops the lock when this process ends, however it ends)
     with folder_lock(output_dir, "training run", enabled=distributed.is_main()):
-        return train_and_save(args, task, data, tokenizer, config, loss_cfg, ds_config, output_dir, resume_from, model_path,
-                              flag, demos, rationale, started)
+        if distributed.is_main():
+            print("training data: " + ", ".join(f"{k} {v}" for k, v in data.counts.items()))
+            world = distributed.world_size()
+            print(f"optimisation: learning rate {args.learning_rate:g} ({args.lr_scheduler_type}, {args.warmup_steps} warm-up "
+                  f"steps), batch {args.per_device_train_batch_size} per process x {world} process(es) x "
+                  f"{args.gradient_accumulation_steps} accumulation = "
+                  f"{args.per_device_train_batch_size * world * args.gradient_accumulation_steps} rows per step, "
+                  f"gradient clipping {args.max_grad_norm or 'off'}")
+        eval_setup = evaluation_setup(args, task, demos, rationale)
 
+        bf16, fp16 = precision.autocast_precision(args)
+        training_args = training_arguments(args, output_dir, bf16, fp16, ds_config)  # before the model: ZeRO-3 partitions at load
+        model = load_weights(model_path, flag, args.allow_pickle, trust_remote_code=args.trust_remote_code,
+                             **model_kwargs(args, config))
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+        reference = copy.deepcopy(model) if loss_cfg.needs_reference else None  # the starting weights, before LoRA
+        model = set_up_model(model, args)
+        cast = precision.ensure_fp32_trainable(model, args)
+        if distributed.is_main():
+            print(precision.describe(model, args, precision.checkpoint_dtype(config), bf16, fp16, ds_config)
+                  + (f" ({cast} trainable tensors cast to float32)" if cast else ""))
+            print(precision.memory_plan(model, args, distributed.world_size(), ds_config).line())
+            print(hf_compat.version_line())
+        multiple = args.pad_to_multiple_of or (64 if args.torch_compile else 0)
+        collator = TailoredCollator(tokenizer.pad_token_id, tokenizer.eos_token_id, contrastive=args.contrastive)
 
-def train_and_save(args, task, data, tokenizer, config, loss_cfg, ds_config, output_dir, resume_from, model_path, flag, demos,
-                   rationale, started) -> dict:
-    """The run itself, once every input is read and checked and the output folder is this run's."""
-    if distributed.is_main():
-        print("training data: " + ", ".join(f"{k} {v}" for k, v in data.counts.items()))
-        world = distributed.world_size()
-        print(f"optimisation: learning rate {args.learning_rate:g} ({args.lr_scheduler_type}, {args.warmup_steps} warm-up "
-              f"steps), batch {args.per_device_train_batch_size} per process x {world} process(es) x "
-              f"{args.gradient_accumulation_steps} accumulation = {args.per_device_train_batch_size * world * args.gradient_accumulation_steps}"
-              f" rows per step, gradient clipping {args.max_grad_norm or 'off'}")
-    eval_setup = evaluation_setup(args, task, demos, rationale)
+        trainer = TailoredTrainer(
+            model=model, args=training_args, train_dataset=TailoredDataset(data, seed=args.seed),
+            eval_dataset=eval_setup["examples"] if eval_setup else None,  # read by our evaluate()
+            data_collator=BucketedCollator(collator, multiple) if multiple > 1 else collator,
+            optimizer_cls_and_kwargs=precision.master_weight_optimizer(training_args) if args.bf16_weights else None,
+            processing_class=tokenizer, loss_cfg=loss_cfg, merge_losses=args.merge_losses, eval_setup=eval_setup,
+            lr_schedule=args.lr_scheduler_type, first_eval=args.do_first_eval, reference_model=reference,
+            callbacks=[SaveExtrasCallback(as_dict(args), training_args.deepspeed, args.save_best)])
+        resume = checkpoint_to_resume(args, output_dir, resume_from)
+        if resume:
+            trainer.loss_before_resume = LossTotalCallback.read(Path(resume)) or trainer.loss_before_resume
+        with disk_full_names(output_dir):
+            result = trainer.train(resume_from_checkpoint=resume)
+        steps_before, loss_before = trainer.loss_before_resume
+        steps_now = trainer.state.global_step - steps_before
+        train_loss = (loss_before + result.training_loss * steps_now) / max(trainer.state.global_step, 1)
 
-    bf16, fp16 = precision.autocast_precision(args)
-    training_args = training_arguments(args, output_dir, bf16, fp16, ds_config)  # before the model: ZeRO-3 partitions at load
-    model = load_weights(model_path, flag, args.allow_pickle, trust_remote_code=args.trust_remote_code,
-                         **model_kwargs(args, config))
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    reference = copy.deepcopy(model) if loss_cfg.needs_reference else None  # the starting weights, before LoRA
-    model = set_up_model(model, args)
-    cast = precision.ensure_fp32_trainable(model, args)
-    if distributed.is_main():
-        print(precision.describe(model, args, precision.checkpoint_dtype(config), bf16, fp16, ds_config)
-              + (f" ({cast} trainable tensors cast to float32)" if cast else ""))
-        print(precision.memory_plan(model, args, distributed.world_size(), ds_config).line())
-        print(hf_compat.version_line())
-    multiple = args.pad_to_multiple_of or (64 if args.torch_compile else 0)
-    collator = TailoredCollator(tokenizer.pad_token_id, tokenizer.eos_token_id, contrastive=args.contrastive)
-
-    trainer = TailoredTrainer(
-        model=model, args=training_args, train_dataset=TailoredDataset(data, seed=args.seed),
-        eval_dataset=eval_setup["examples"] if eval_setup else None,  # read by our evaluate()
-        data_collator=BucketedCollator(collator, multiple) if multiple > 1 else collator,
-        optimizer_cls_and_kwargs=precision.master_weight_optimizer(training_args) if args.bf16_weights else None,
-        processing_class=tokenizer, loss_cfg=loss_cfg, merge_losses=args.merge_losses, eval_setup=eval_setup,
-        lr_schedule=args.lr_scheduler_type, first_eval=args.do_first_eval, reference_model=reference,
-        callbacks=[SaveExtrasCallback(as_dict(args), training_args.deepspeed, args.save_best)])
-    resume = checkpoint_to_resume(args, output_dir, resume_from)
-    if resume:
-        trainer.loss_before_resume = LossTotalCallback.read(Path(resume)) or trainer.loss_before_resume
-    with disk_full_names(output_dir):
-        result = trainer.train(resume_from_checkpoint=resume)
-    steps_before, loss_before = trainer.loss_before_resume
-    steps_now = trainer.state.global_step - steps_before
-    train_loss = (loss_before + result.training_loss * steps_now) / max(trainer.state.global_step, 1)
-
-    final = Path(output_dir) / "final"
-    with disk_full_names(final):  # run_args.json, written last, is what says `final` is complete
-        if args.lora_r > 0:
-            save_lora(trainer, final, Path(output_dir) / ADAPTER_DIR)
-        else:
-            trainer.save_model(str(final))  # gathers ZeRO-3 shards into one safetensors file
-    summary = {"output_dir": output_dir, "final_checkpoint": str(final), "steps": trainer.state.global_step,
-               "train_loss": train_loss, "seconds": round(time.time() - started, 1),
-               "data": data.counts, "eval": trainer.eval_history}
-    if trainer.is_world_process_zero():
-        (final / "training_args.bin").unlink(missing_ok=True)  # a pickle; run_args.json says the same in JSON
-        atomic_write_json(final / "run_args.json", redact(as_dict(args)))
-        atomic_write_json(Path(output_dir) / "train_summary.json", summary)
-        print_summary(summary)
-    distributed.barrier()
-    return summary
+        final = Path(output_dir) / "final"
+        with disk_full_names(final):  # run_args.json, written last, is what says `final` is complete
+            if args.lora_r > 0:
+                save_lora(trainer, final, Path(output_dir) / ADAPTER_DIR)
+            else:
+                trainer.save_model(str(final))  # gathers ZeRO-3 shards into one safetensors file
+        summary = {"output_dir": output_dir, "final_checkpoint": str(final), "steps": trainer.state.global_step,
+                   "train_loss": train_loss, "seconds": round(time.time() - started, 1),
+                   "data": data.counts, "eval": trainer.eval_history}
+        if trainer.is_world_process_zero():
+            (final / "training_args.bin").unlink(missing_ok=True)  # a pickle; run_args.json says the same in JSON
+            atomic_write_json(final / "run_args.json", redact(as_dict(args)))
+            atomic_write_json(Path(output_dir) / "train_summary.json", summary)
+            print_summary(summary)
+        distributed.barrier()
+        return summary
 
 
 @contextmanager

@@ -8,10 +8,13 @@ Two families:
   std-cot               round 1: teacher rationales for the train split, LM loss only (classic distillation)
   +reflect              round 1: as std-cot, plus the self-reflection (triplet) loss on the student's exam mistakes
   +prefer               round 1: as +reflect with a reference-free preference loss (--prefer_loss) instead of the triplet
+  +reflect-m1           round 1: as +reflect at the paper's triplet margin 1.0 instead of the validation-tuned --cl_p
   tailored              round 2 after +reflect: feedback on the round-1 student's mistakes, with self-reflection (the method)
   tailored-no-reflect   round 2 after std-cot: feedback on its mistakes, LM loss only
-  untailored            round 2 after +reflect: as many teacher requests as `tailored` made, for random train questions
+  untailored            round 2 after +reflect: as many teacher requests as `tailored` made, at random over the questions
+                        the same exam examined (at most 2 each, as feedback), instead of at the mistakes
   more-epochs           round 2 after +reflect: round 1's data again, for as many steps as `tailored` trained
+  tailored-m1           round 2 after +reflect-m1: as tailored, at the paper's margin 1.0
 Kept free of torch and the stages' code: the flags are checked against it before anything heavy is imported.
 """
 from __future__ import annotations
@@ -29,8 +32,11 @@ class Arm:
     data: str = "annotate"                      # annotate | feedback | random | same (evidence.ArmDriver.collect)
     prefer: bool = False                        # the preference loss instead of the triplet
     needs: tuple[str, ...] = ()                 # arms whose outputs size this one (untailored, more-epochs)
+    margin: float | None = None                 # the triplet margin (--cl_p); None: the run's own
     describe: str = ""
 
+
+PAPER_MARGIN = 1.0  # the original's --cl_p
 
 DRIVER_ARMS: dict[str, Arm] = {
     "lm": Arm(False, describe="LM loss only: the control"),
@@ -43,12 +49,15 @@ EVIDENCE_ARMS: dict[str, Arm] = {
     "std-cot": Arm(False, 1, "student", describe="teacher rationales for the train split, LM loss only"),
     "+reflect": Arm(True, 1, "student", describe="std-cot + self-reflection (triplet) on the student's mistakes"),
     "+prefer": Arm(True, 1, "student", prefer=True, describe="std-cot + a preference loss on the same pairs"),
+    "+reflect-m1": Arm(True, 1, "student", margin=PAPER_MARGIN, describe="+reflect at the paper's triplet margin 1.0"),
     "tailored": Arm(True, 2, "+reflect", "feedback", describe="feedback on +reflect's mistakes, with self-reflection"),
     "tailored-no-reflect": Arm(False, 2, "std-cot", "feedback", describe="feedback on std-cot's mistakes, LM loss only"),
     "untailored": Arm(True, 2, "+reflect", "random", needs=("tailored",),
-                      describe="as many teacher requests as tailored, for random train questions"),
+                      describe="as many teacher requests as tailored, for random questions of the same exam"),
     "more-epochs": Arm(True, 2, "+reflect", "same", needs=("tailored",),
                        describe="round 1's data again, for tailored's number of steps"),
+    "tailored-m1": Arm(True, 2, "+reflect-m1", "feedback", margin=PAPER_MARGIN,
+                       describe="tailored at the paper's triplet margin 1.0, after +reflect-m1"),
 }
 
 

@@ -11,13 +11,14 @@ shared by the arms continuing from it), then `results.json` and `evidence.png`. 
 every finished stage. Seeds vary data order, exam sampling, the offline teacher's phrasing and the
 untailored draw; nothing reads the test split except the final evaluations.
 
-Budget of the default run (wordmath, 3 seeds, all arms, 2 CPU cores, offline teacher). Per seed the run makes
-  3 exams (of the round-0 student, +reflect and std-cot) of --exam_limit questions x 4 samples,
-  4 teacher stages (annotate, 2 x feedback, the untailored draw; offline, ~2 s each),
-  7 trainings: 3 of round 1 (std-cot, +reflect, +prefer) on the round-1 data, 4 of round 2 on round 1's data
-     plus the new rationales (tailored, tailored-no-reflect, untailored, more-epochs with tailored's steps),
-  14 evaluations (7 checkpoints x validation and test, --eval_limit items each),
-and the round-0 evaluation once for all seeds. BUDGET has the measured stage times and the arithmetic.
+Budget of the default run (wordmath, 5 seeds, all arms, 2 CPU cores, offline teacher). Per seed the run makes
+  4 exams (of the round-0 student, +reflect, std-cot and +reflect-m1) of --exam_limit questions x 4 samples,
+  5 teacher stages (annotate, 3 x feedback, the untailored draw; offline, ~1 s each),
+  9 trainings: 4 of round 1 (std-cot, +reflect, +prefer, +reflect-m1) on the round-1 data, 5 of round 2 on round
+     1's data plus the new rationales (tailored, tailored-no-reflect, untailored, more-epochs with tailored's
+     steps, tailored-m1),
+  18 evaluations (9 checkpoints x validation and test, --eval_limit items each),
+and the round-0 evaluation once for all seeds. BUDGET has the measured stage times.
 """
 from __future__ import annotations
 
@@ -27,33 +28,25 @@ from pathlib import Path
 
 from arms import EVIDENCE_ARMS
 from common import UserError, atomic_write_json, read_json
+from flags import parse
 from driver_args import EvidenceArguments
 from evidence_report import plot, print_table, summarize
 from rounds import RoundDriver
 from stage_process import run_jobs, say
 
 BUDGET = """
-Measured on the 2-core machine while other jobs shared it, so in CPU seconds of each stage at one torch
-thread (what its wall time is on one free core; with two threads, two jobs on 2 cores ran 4-9x slower,
-hence one thread each while two stages run side by side). One seed at --annotate_limit 800 --exam_limit 200 --eval_limit 300:
-  evaluation, 300 items of one split       13-26 s, mean 19 s (about 7 s of it: start-up, model load)
-  exam, 200 questions x 4 samples          37-44 s
-  teacher stage (offline)                  2 s
-  round 1, 96 steps of 16 (1525 rows)      std-cot 60 s, +reflect 83 s, +prefer 86 s
-  round 2, 138-140 steps (~2230 rows)      tailored 213 s (half its rows have a triplet), tailored-no-reflect
-                                           100 s, untailored 109 s, more-epochs 91 s
-  one seed: 1136 s; three: 57 min, plus the round-0 evaluation (37 s) and the harness (~1 min): too
-  close to 60 min on a shared machine.
-The defaults, --annotate_limit 600 --exam_limit 150 --eval_limit 300, shrink round 1 to ~1140 rows (72 steps)
-and the feedback to ~280 requests (round 2: ~1680 rows, ~105 steps):
-  round 1   exam 32 + teacher 2 + trainings 47 + 65 + 68 + 6 evaluations x 19          = 328 s
-  round 2   2 exams x 32 + 3 teachers x 2 + trainings 162 + 77 + 86 + 71 + 8 x 19     = 618 s
-  one seed 946 s; three seeds 2838 s + 37 s + ~60 s = ~49 min, ~18% under the 60 min budget.
-Measured with these defaults on the idle 2-core machine (2026-11-26, bench/RESULTS.md): 43.7 min wall: 14.1-14.4 min
-of stages per seed, plus the round-0 evaluation and the harness. Since 2026-12-07 stages start in a fork of the
-driver (no per-stage imports) and two run side by side (--jobs 2): 18.1 min wall for the same 86 stages.
+Measured with the defaults (--annotate_limit 600 --exam_limit 300 --eval_limit 300, 5 seeds, --jobs 2) on the 2-core
+machine, 2026-12-08 (bench/RESULTS.md): stages start in a fork of the driver (no per-stage imports), two side by
+side at one torch thread each:
+  evaluation, 300 items of one split       9-14 s
+  exam, 300 questions x 4 samples          20-30 s
+  teacher stage (offline)                  1 s
+  round 1, 68 steps of 16                  std-cot ~21 s, +reflect ~32 s, +prefer ~32 s, +reflect-m1 ~31 s
+  round 2, ~90 steps                       tailored ~47 s, untailored ~44 s, tailored-m1 ~54 s, the others ~25 s
+  182 stages in 30.7 min wall (about 6 min per seed).
+Earlier: 43.7 min for 3 seeds of 7 arms (2026-11-26, a process per stage), 18.1 min (2026-12-07, forks).
 --quick (1 seed, 120 annotated questions, exam 40 x 2 samples, 40 items per split, 12 steps per training):
-26 stages of ~6-10 s each, almost all of it start-up.
+38 stages of a few seconds each, almost all of it start-up.
 """
 
 
@@ -121,9 +114,11 @@ class ArmDriver(RoundDriver):
             return self.teacher("annotate", self.workdir / "round1" / "teacher", limit=a.annotate_limit)
         if spec.data == "feedback":
             return super().collect(arm, r, exam)
+        # tailored's request count over the questions its exam examined, at random instead of at its mistakes:
+        # the same questions, the same number of requests, so only the selection differs
         asked = self.manifest("tailored", r)["teacher"]["requests"]
-        return self.teacher("annotate", self.round_dir(arm, r) / "teacher", limit=a.annotate_limit,
-                            random_questions=min(asked, self.train_size()), seed=a.seed + UNTAILORED_SEED_OFFSET)
+        return self.teacher("annotate", self.round_dir(arm, r) / "teacher", limit=a.exam_limit,
+                            random_questions=max(1, asked), seed=a.seed + UNTAILORED_SEED_OFFSET)
 
     def planned_rounds(self) -> list[tuple[str, int]]:
         return [(arm, EVIDENCE_ARMS[arm].round) for arm in self.arms if arm != "student"]
@@ -131,6 +126,8 @@ class ArmDriver(RoundDriver):
     def train_settings(self, arm: str, r: int, planning: bool = False) -> dict:
         spec, a = EVIDENCE_ARMS[arm], self.args
         settings = {"contrastive": spec.contrastive}
+        if spec.margin is not None:
+            settings["cl_p"] = spec.margin
         if spec.prefer:
             settings.update(cl_loss=a.prefer_loss, cl_beta=a.prefer_beta, cl_gamma=a.prefer_gamma,
                             cl_neg_form=a.prefer_neg_form)
@@ -139,12 +136,6 @@ class ArmDriver(RoundDriver):
         elif spec.data == "same":  # the steps tailored's round trained, read from its trainer's summary
             settings["max_steps"] = read_json(self.round_dir("tailored", r) / "train" / "train_summary.json")["steps"]
         return settings
-
-    def train_size(self) -> int:
-        import tasks
-
-        n = len(tasks.load_split(self.args.task, "train", self.args.data_dir, valid_size=self.args.valid_size))
-        return min(n, self.args.annotate_limit or n)
 
     def manifest(self, arm: str, r: int) -> dict:
         return read_json(self.round_dir(arm, r) / "manifest.json")
@@ -165,11 +156,11 @@ class ArmDriver(RoundDriver):
 def check_workdir(args: EvidenceArguments, root: Path) -> None:
     """A workdir holds the stages of one set of settings: finished stages are skipped, so other settings
     would silently mix with them. Seeds, arms and the bootstrap may change between runs."""
-    free = {"seeds", "arms", "bootstrap", "quick", "workdir", "jobs"}
+    free = {"seeds", "arms", "bootstrap", "quick", "workdir", "jobs", "dry_run", "lrs", "margins"}  # tune.py: a grid may grow
     settings = {k: v for k, v in asdict(args).items() if k not in free}
     path = root / "settings.json"
     if path.is_file():
-        saved = read_json(path)
+        saved = {k: v for k, v in read_json(path).items() if k not in free}
         changed = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
         if changed:
             shown = ", ".join(f"--{k} {saved.get(k)!r} -> {settings.get(k)!r}" for k in changed[:4])
@@ -183,6 +174,73 @@ def preflight(args: EvidenceArguments) -> None:
     """Every seed's stages, checked before the first (rounds.RoundDriver.preflight)."""
     for seed in seeds_of(args):
         ArmDriver(args, seed).preflight()
+
+
+def dry_run(args: EvidenceArguments) -> dict:
+    """The teacher requests and estimated cost of every seed's teacher stages, sending and writing nothing: round 1's
+    annotation exactly (the teacher's own --dry_run on the command the run will give it); each feedback stage at
+    its bound, --max_wrong_per_question requests for each examined question, priced on prompts of that size (its
+    count is the exam's mistakes, known once the exam ran); untailored asks exactly as many as tailored."""
+    import tempfile
+
+    import teacher
+    from args import TeacherArguments
+
+    def estimate(argv: list[str]) -> dict:
+        summary = teacher.run_collection(parse(TeacherArguments, [*argv[2:], "--dry_run"]))
+        return {"requests": summary["requests"]["total"], "from_journal": summary["requests"]["from_journal"],
+                **summary["dry_run"]}
+
+    arms = with_dependencies(args.arms.split(","))
+    per_seed = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for seed in seeds_of(args):
+            driver = ArmDriver(args, seed)
+            stages = {"round1/teacher": estimate(driver.teacher_command(
+                "annotate", driver.workdir / "round1" / "teacher", None, limit=args.annotate_limit))}
+            feedback_arms = [arm for arm in arms if EVIDENCE_ARMS[arm].data == "feedback"]
+            if feedback_arms:
+                bound = estimate(driver.teacher_command("feedback", Path(scratch) / "teacher",
+                                                        worst_exam(args, Path(scratch))))
+                for arm in feedback_arms:
+                    stages[f"{slug(arm)}/round2/teacher"] = {**bound, "at_most": True}
+                if "untailored" in arms:
+                    stages["untailored/round2/teacher"] = {**stages["tailored/round2/teacher"], "as_tailored": True}
+            per_seed[seed] = stages
+    print_dry_run(per_seed)
+    return per_seed
+
+
+def worst_exam(args: EvidenceArguments, folder: Path) -> str:
+    """A student_wrong.json with the most a feedback stage can be given: every examined question wrong in
+    --max_wrong_per_question distinct ways (the gold solution with its final number changed)."""
+    import tasks
+    from args import TeacherArguments
+
+    per_question = TeacherArguments.max_wrong_per_question
+    examined = tasks.load_split(args.task, "train", args.data_dir, limit=args.exam_limit, valid_size=args.valid_size)
+    wrong = {ex.question: [f"{ex.rationale or ''} (attempt {k + 1})" for k in range(per_question)] for ex in examined}
+    path = folder / "student_wrong.json"
+    atomic_write_json(path, wrong)
+    return str(path)
+
+
+def print_dry_run(per_seed: dict) -> None:
+    print("\ndry run: teacher requests per seed (nothing sent, nothing written)")
+    total_requests, total_cost, bounded = 0, 0.0, False
+    for seed, stages in per_seed.items():
+        for stage, est in stages.items():
+            bounded |= bool(est.get("at_most") or est.get("as_tailored"))
+            how = "at most " if est.get("at_most") or est.get("as_tailored") else ""
+            also = " (as many as tailored asks)" if est.get("as_tailored") else ""
+            journal = f" ({est['from_journal']} in its journal already)" if est.get("from_journal") else ""
+            cost = f"${est['est_cost_usd']:.4f}" if est["prices_known"] else "unknown price"
+            print(f"  seed {seed} {stage:<36} {how}{est['requests']:>6} requests{journal}, new: ~{est['est_prompt_tokens']:,} "
+                  f"prompt + ~{est['est_completion_tokens']:,} completion tokens, {how}{cost}{also}")
+            total_requests += est["requests"]
+            total_cost += est["est_cost_usd"]
+    how = "at most " if bounded else ""
+    print(f"  all seeds: {how}{total_requests} requests, {how}${total_cost:.4f}")
 
 
 def run(args: EvidenceArguments) -> dict:

@@ -1,11 +1,12 @@
-"""Measure the method's claims: every arm (student, std-cot, +reflect, +prefer, tailored,
-tailored-no-reflect, untailored, more-epochs) over seeds, one table of mean +- std, paired
-differences with bootstrap intervals, results.json and a plot. The logic is in evidence.py.
+"""Measure the method's claims: every arm (arms.EVIDENCE_ARMS) over seeds, one table of mean +- std, paired
+differences with bootstrap and seed-level t intervals, Holm-corrected, results.json and a plot. The logic is in
+evidence.py.
 
-    python reproduce.py                 # the embedded default: wordmath, 3 seeds, all arms, offline, CPU (<= 60 min)
-    python reproduce.py --quick         # the same end to end, 1 seed, small splits, few steps (<= 8 min)
-    python reproduce.py --task gsm8k --student Qwen/Qwen2.5-0.5B --lr 1e-5 --backend openai ...   # recipes/gsm8k.md
-A killed run re-run with the same flags skips every finished stage.
+    python reproduce.py                 # the embedded default: wordmath, 5 seeds, all arms, offline, CPU (~31 min)
+    python reproduce.py --quick         # the same end to end, 1 seed, small splits, few steps
+    python reproduce.py --dry_run       # each seed's teacher requests and cost; sends and writes nothing
+    python reproduce.py --task gsm8k --student Qwen/Qwen2.5-1.5B --lr ... --cl_p ... --backend openai ...   # recipes/gsm8k.md
+A killed run re-run with the same flags skips every finished stage. tune.py chooses --lr and --cl_p on validation.
 """
 from __future__ import annotations
 
@@ -42,6 +43,10 @@ def main() -> None:
         if args.threads:
             os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))  # the stages inherit it
         evidence.preflight(args)  # every stage's settings and inputs, before anything is written
+        if args.dry_run:
+            prepare_embedded(args, student=False)  # the questions are counted, not answered
+            evidence.dry_run(args)
+            return
         prepare_embedded(args)
         evidence.run(args)
 

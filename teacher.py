@@ -94,11 +94,15 @@ def load_student_wrong(path: str | None, examples: list[Example], skip_unknown: 
 
 
 def build_requests(task: TaskSpec, backend: Backend, jobs: list[tuple[Example, str | None]],
-                   kind: str) -> list[Request]:
+                   kind: str, repeats: list[int] | None = None) -> list[Request]:
+    """repeats[i] > 0: the i-th job asks its question again, as a fresh request (its own key, so a seeded
+    or sampling teacher writes new rationales instead of the journal answering it)."""
     requests, seen = [], set()
-    for ex, wrong in jobs:
+    for i, (ex, wrong) in enumerate(jobs):
         prompt = render(kind, task, ex, wrong)
-        key = request_key(backend.name, backend.model, prompt, backend.params())
+        repeat = repeats[i] if repeats else 0
+        params = {**backend.params(), "repeat": repeat} if repeat else backend.params()
+        key = request_key(backend.name, backend.model, prompt, params)
         if key not in seen:  # the same question twice in a split is asked once
             seen.add(key)
             requests.append(Request(key, kind, ex, prompt, wrong))
@@ -107,20 +111,29 @@ def build_requests(task: TaskSpec, backend: Backend, jobs: list[tuple[Example, s
 
 # ---------------------------------------------------------------- entry point
 
-def random_draw(examples: list[Example], n: int | None, seed: int) -> list[Example]:
-    """`n` of `examples` drawn without replacement (all of them when n is None), in their split order."""
+def random_draw(examples: list[Example], n: int | None, seed: int, per_question: int = 1) -> list[tuple[Example, int]]:
+    """`n` requests drawn without replacement from `per_question` slots per question (all questions once when
+    n is None), in split order: (question, how many times it was drawn before). `per_question` is feedback's
+    cap on requests per question, so a control matched to a feedback round's request count can always be
+    drawn from the same questions."""
     if n is None:
-        return examples
-    if n > len(examples):
-        raise UserError(f"--random_questions {n}: the split has only {len(examples)} questions")
-    return [examples[i] for i in sorted(random.Random(f"random_questions:{seed}").sample(range(len(examples)), n))]
+        return [(ex, 0) for ex in examples]
+    slots = len(examples) * per_question
+    if n > slots:
+        raise UserError(f"--random_questions {n}: the split has only {len(examples)} questions "
+                        f"(at most {per_question} request(s) each, --max_wrong_per_question)")
+    drawn = sorted(random.Random(f"random_questions:{seed}").sample(range(slots), n), key=lambda s: (s % len(examples), s))
+    return [(examples[s % len(examples)], s // len(examples)) for s in drawn]
 
 
-def _jobs(args, examples: list[Example]) -> tuple[list[tuple[Example, str | None]], list[str]]:
+def _jobs(args, examples: list[Example]) -> tuple[list[tuple[Example, str | None]], list[str], list[int] | None]:
     if args.mode == "annotate":
-        return [(ex, None) for ex in random_draw(examples, args.random_questions, args.seed)], []
-    return load_student_wrong(args.student_wrong, examples, args.skip_unknown_questions,
-                              args.max_wrong_per_question)
+        per_question = args.max_wrong_per_question if args.random_questions else 1
+        drawn = random_draw(examples, args.random_questions, args.seed, per_question)
+        return [(ex, None) for ex, _ in drawn], [], [repeat for _, repeat in drawn]
+    jobs, unknown = load_student_wrong(args.student_wrong, examples, args.skip_unknown_questions,
+                                       args.max_wrong_per_question)
+    return jobs, unknown, None
 
 
 def _check_offline(task: TaskSpec, examples: list[Example]) -> None:
@@ -156,7 +169,7 @@ def plan_collection(args) -> Plan:
     examples = tasks.load_split(task.name, args.test_on, args.data_dir, limit=args.limit, valid_size=args.valid_size)
     if args.backend == "offline":
         _check_offline(task, examples)
-    jobs, unknown = _jobs(args, examples)
+    jobs, unknown, repeats = _jobs(args, examples)
     model = OFFLINE_MODEL if args.backend == "offline" else args.teacher_model
     prices = resolve_prices(model, load_price_table(args.price_table), args.prompt_price_per_1m,
                             args.completion_price_per_1m)
@@ -165,7 +178,7 @@ def plan_collection(args) -> Plan:
                         f"--prompt_price_per_1m and --completion_price_per_1m")
     api_key = api_key_for(base_url) if args.backend == "openai" and not args.dry_run else None
     backend = make_backend(args, task, base_url, api_key)
-    return Plan(task, out, examples, build_requests(task, backend, jobs, args.mode), unknown, backend, prices,
+    return Plan(task, out, examples, build_requests(task, backend, jobs, args.mode, repeats), unknown, backend, prices,
                 base_url, api_key)
 
 

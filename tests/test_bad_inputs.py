@@ -119,11 +119,12 @@ CASES = {
     "rounds unknown backend": Case("rounds", ["--backend", "carrier-pigeon"], "--backend"),
     "rounds lr -1": Case("rounds", ["--lr", "-1"], "--lr"),
     "rounds real student without lr": Case("rounds", [], "--lr"),
+    "rounds real student without cl_p": Case("rounds", ["--lr", "1e-3"], "--cl_p"),  # nor is its margin
     # ---- the drivers check every stage before the first one runs
-    "rounds device without that gpu": Case("rounds", ["--lr", "1e-3", "--device", "99"], "--device 99"),
-    "rounds student is a file": Case("rounds", ["--lr", "1e-3", "--student", "{file}"], "--student"),
-    "rounds student without weights": Case("rounds", ["--lr", "1e-3", "--student", "{out}"], "--student"),
-    "rounds engine vllm missing": Case("rounds", ["--lr", "1e-3", "--engine", "vllm"], "--engine vllm"),  # the toy student's rate is not a default for others
+    "rounds device without that gpu": Case("rounds", ["--lr", "1e-3", "--cl_p", "0.1", "--device", "99"], "--device 99"),
+    "rounds student is a file": Case("rounds", ["--lr", "1e-3", "--cl_p", "0.1", "--student", "{file}"], "--student"),
+    "rounds student without weights": Case("rounds", ["--lr", "1e-3", "--cl_p", "0.1", "--student", "{out}"], "--student"),
+    "rounds engine vllm missing": Case("rounds", ["--lr", "1e-3", "--cl_p", "0.1", "--engine", "vllm"], "--engine vllm"),  # the toy student's rate is not a default for others
 }
 
 

@@ -270,7 +270,7 @@ def test_a_damaged_manifest_of_a_skipped_round_stops_the_driver_before_any_stage
     manifest.parent.mkdir(parents=True)
     manifest.write_text(content)
     code, _, err = run_main(run_rounds, ["--task", "wordmath", "--data_dir", str(data_dir), "--student", str(tiny_student),
-                                         "--lr", "1e-3", "--workdir", str(work), "--arms", "lm", "--start_round", "2"],
+                                         "--lr", "1e-3", "--cl_p", "0.1", "--workdir", str(work), "--arms", "lm", "--start_round", "2"],
                             monkeypatch, capsys)
     assert code == 2 and str(manifest) in one_error_line(err)
     assert sorted(p for p in work.rglob("*") if p.is_file()) == [manifest]

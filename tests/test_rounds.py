@@ -9,7 +9,7 @@ from conftest import run_script
 def driver_argv(student, data_dir, workdir, *extra):
     return ["run_rounds.py", "--task", "wordmath", "--data_dir", str(data_dir), "--student", str(student),
             "--workdir", str(workdir), "--rounds", "2", "--exam_limit", "24", "--num_return_sequences", "2",
-            "--exam_max_new_tokens", "64", "--epoch", "1", "--train_bsz", "4", "--lr", "1e-3",
+            "--exam_max_new_tokens", "64", "--epoch", "1", "--train_bsz", "4", "--lr", "1e-3", "--cl_p", "0.1",
             "--warmup_steps", "2", "--eval_limit", "12", *extra]
 
 

@@ -1,11 +1,17 @@
 """Tasks table: exact prompt strings, answer extraction, dataset loading from every local format."""
 from __future__ import annotations
 
+import importlib
 import json
+import sys
 
 import pytest
 
+import gsm_symbolic
+import prepare_data
 import tasks
+import wordmath
+from args import PrepareArguments, StudentArguments
 from common import UserError
 from conftest import write_jsonl
 from tasks import Example, build_prompt, continuation, get_task
@@ -275,3 +281,124 @@ def test_validation_of_a_task_without_one_needs_valid_size(tmp_path):
         tasks.load_split("gsm8k", "validation", str(tmp_path))
     with pytest.raises(UserError, match="--valid_size 5: must be between 1 and 4"):
         tasks.load_split("gsm8k", "validation", str(tmp_path), valid_size=5)
+
+
+# ---------------------------------------------------------------- embedded splits: disjoint by template
+
+SPLITS = ("train", "validation", "test")
+SMALL = ("--train_size", "200", "--valid_size", "60", "--test_size", "50")
+
+
+def run_prepare(monkeypatch, *argv: str) -> None:
+    monkeypatch.setattr(sys, "argv", ["prepare_data.py", *argv])
+    prepare_data.main()
+
+
+def read_splits(root, task: str) -> dict[str, list[dict]]:
+    return {split: [json.loads(line) for line in (root / task / f"{split}.jsonl").read_text().splitlines()]
+            for split in SPLITS}
+
+
+def test_masked_question_hides_every_number_and_nothing_else():
+    assert wordmath.masked_question("Mia has 12 apples. She pays $1,234.50 for 3 more.") == \
+        "Mia has # apples. She pays $# for # more."
+    assert gsm_symbolic.masked_question("Tom ran 5 km on day 2.") == "Tom ran # km on day #."
+
+
+@pytest.mark.parametrize("task,keys", [("wordmath", {"question", "answer", "steps", "template"}),
+                                       ("gsm_symbolic", {"question", "answer", "template"})])
+def test_prepared_splits_share_no_template_and_no_masked_question(task, keys, tmp_path, monkeypatch):
+    run_prepare(monkeypatch, "--task", task, "--data_dir", str(tmp_path), *SMALL)
+    splits = read_splits(tmp_path, task)
+    assert [len(splits[s]) for s in SPLITS] == [200, 60, 50]
+    assert all(set(row) == keys for rows in splits.values() for row in rows)
+    mask = importlib.import_module(task).masked_question
+    train_templates = {row["template"] for row in splits["train"]}
+    train_masked = {mask(row["question"]) for row in splits["train"]}
+    for split in ("validation", "test"):
+        assert not {row["template"] for row in splits[split]} & train_templates
+        assert not {mask(row["question"]) for row in splits[split]} & train_masked
+    assert prepare_data.split_leaks(splits, mask) == []
+
+
+def test_gsm_symbolic_templates_are_dealt_out_once_by_seed():
+    partition = gsm_symbolic.template_partition(1234)
+    assert [len(partition[s]) for s in SPLITS] == [59, 13, 13]
+    assert set().union(*partition.values()) == set(gsm_symbolic.all_templates())
+    assert not partition["train"] & (partition["validation"] | partition["test"])
+    assert not partition["validation"] & partition["test"]
+    assert gsm_symbolic.template_partition(1234) == partition
+    assert gsm_symbolic.template_partition(1235) != partition
+
+
+@pytest.mark.parametrize("min_steps,max_steps", [(1, 3), (2, 3), (1, 1)])
+def test_wordmath_partition_fills_default_sizes_and_keeps_the_steps_mix(min_steps, max_steps):
+    splits = wordmath.splits(PrepareArguments(min_steps=min_steps, max_steps=max_steps))
+    assert [len(splits[s]) for s in SPLITS] == [2000, 1000, 300]
+    assert prepare_data.split_leaks(splits, wordmath.masked_question) == []
+
+    def share(split: str, steps: int) -> float:
+        return sum(len(row["steps"]) == steps for row in splits[split]) / len(splits[split])
+
+    for steps in range(min_steps, max_steps + 1):
+        assert abs(share("validation", steps) - share("train", steps)) < 0.05
+        assert abs(share("test", steps) - share("train", steps)) < 0.07  # 300 problems: a wider sampling spread
+
+
+def old_way_wordmath(args) -> dict[str, list[dict]]:
+    """Splits as they were drawn before the partition: only identical questions kept out."""
+    one_step = wordmath.Difficulty(min_steps=1, max_steps=1)  # few templates: overlaps are sure
+    train = wordmath.generate(args.train_size, args.seed, one_step)
+    test = wordmath.generate(args.test_size, args.seed + 1, one_step, exclude={r["question"] for r in train})
+    validation = wordmath.generate(args.valid_size, args.seed + 2, one_step,
+                                   exclude={r["question"] for r in train + test})
+    return {"train": train, "validation": validation, "test": test}
+
+
+def old_way_gsm_symbolic(args) -> dict[str, list[dict]]:
+    every = set(gsm_symbolic.all_templates())
+    return {"train": gsm_symbolic.draw(args.train_size, args.seed, every),
+            "validation": gsm_symbolic.draw(args.valid_size, args.seed + 2, every),
+            "test": gsm_symbolic.draw(args.test_size, args.seed + 1, every)}
+
+
+def test_leak_check_fails_on_splits_drawn_the_old_way():
+    args = PrepareArguments(train_size=500, valid_size=100, test_size=100)
+    wordmath_leaks = prepare_data.split_leaks(old_way_wordmath(args), wordmath.masked_question)
+    assert any("validation rows share a masked question with train" in line for line in wordmath_leaks)
+    assert any("test rows share a template with train" in line for line in wordmath_leaks)
+    gsm_leaks = prepare_data.split_leaks(old_way_gsm_symbolic(args), gsm_symbolic.masked_question)
+    assert any("test rows share a template with train" in line for line in gsm_leaks)
+    identical = {"train": [{"question": "Q 1?", "template": 0}], "validation": [{"question": "Q 1?", "template": 1}],
+                 "test": [{"question": "R 2?", "template": 2}]}
+    assert prepare_data.split_leaks(identical, wordmath.masked_question) == [
+        "1 of 1 validation rows share a masked question with train (e.g. 'Q #?')",
+        "1 of 1 validation rows share a question with train (e.g. 'Q 1?')"]
+
+
+def test_prepare_data_refuses_leaking_splits_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(gsm_symbolic, "splits", old_way_gsm_symbolic)  # wordmath, built first, is clean
+    with pytest.raises(SystemExit) as exit_info:
+        run_prepare(monkeypatch, "--data_dir", str(tmp_path), *SMALL)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: gsm_symbolic: the splits leak, nothing written: ") and err.count("\n") == 1
+    assert not any(tmp_path.iterdir())
+
+
+def test_student_settings_change_with_the_train_data(tmp_path):
+    import build_student
+
+    args = StudentArguments(data_dir=str(tmp_path))
+    train_file = tmp_path / "wordmath" / "train.jsonl"
+
+    def settings_for(rows: list[dict]) -> dict:
+        write_jsonl(train_file, rows)
+        return build_student.build_settings(args, build_student.warm_start_pairs(args))
+
+    first = settings_for(wordmath.generate(30, seed=1))
+    assert settings_for(wordmath.generate(30, seed=1)) == first
+    changed = settings_for(wordmath.generate(30, seed=2))
+    assert changed != first and changed["train_sha256"] != first["train_sha256"]
+    assert {k: v for k, v in changed.items() if k != "train_sha256"} == \
+        {k: v for k, v in first.items() if k != "train_sha256"}

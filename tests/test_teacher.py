@@ -125,7 +125,32 @@ def test_offline_annotate_is_deterministic_with_distinct_variants(tmp_path):
             assert "\n" not in r and r.endswith(f"Therefore, the answer is {gold[question]}.")
 
 
+def _checks_out(rationale: str, gold: str) -> bool:
+    """Every equation's arithmetic is right and the final answer is the gold."""
+    steps = teacher_backends.parse_equations(rationale)
+    return (bool(steps) and all(e.checks for e in steps)
+            and tasks.extract_answer(tasks.get_task("wordmath"), rationale) == gold)
+
+
+def _is_slip(rationale: str, gold: str) -> bool:
+    """The teacher's slip: earlier steps right, the last step's result and the final answer the same wrong value."""
+    steps = teacher_backends.parse_equations(rationale)
+    answer = tasks.extract_answer(tasks.get_task("wordmath"), rationale)
+    return (answer is not None and answer != gold and all(e.checks for e in steps[:-1])
+            and not steps[-1].checks and steps[-1].claimed == float(answer))
+
+
+def test_slip_is_consistent_but_wrong():
+    body = GOLD.replace("so 8 + 7", "and so 8 + 7")
+    assert teacher_backends.slip(body, "15", "17") == body.replace("8 + 7 = 15", "8 + 7 = 17")
+    assert _is_slip(teacher_backends.slip(body, "15", "17") + " Therefore, the answer is 17.", "15")
+    assert teacher_backends.slip("Costs $1,200 x 3 = $3,600.", "3600", "3610") == "Costs $1,200 x 3 = $3610."
+    assert teacher_backends.slip("No equations here.", "15", "17") == "No equations here."
+    assert teacher_backends.slip("4 + 8 = 12, and then 3 more.", "15", "17") == "4 + 8 = 12, and then 3 more."
+
+
 def test_offline_error_rate_feeds_the_filter(tmp_path, capsys):
+    """Slips are consistent, so only the gold-answer filter catches them: it drops them all and keeps the rest."""
     data_dir = make_data_dir(tmp_path, n=20)
     summary = collect(teacher_argv(data_dir, tmp_path / "o", "--backend", "offline", "--num_samples", "4",
                                    "--offline_error_rate", "0.3"))
@@ -135,7 +160,158 @@ def test_offline_error_rate_feeds_the_filter(tmp_path, capsys):
     rows = [json.loads(line) for line in (tmp_path / "o" / "teacher_provenance.jsonl").read_text().splitlines()]
     assert {r["reason"] for r in rows} <= {"kept", "wrong_answer", "duplicate"}
     assert all(r["template_hash"] and r["request_key"] and r["backend"] == "offline" for r in rows)
+    gold = {ex.question: ex.gold for ex in tasks.load_split("wordmath", "train", str(data_dir))}
+    for r in rows:
+        if r["reason"] == "wrong_answer":
+            assert _is_slip(r["rationale"], gold[r["question"]]), r["rationale"]
+        else:
+            assert _checks_out(r["rationale"], gold[r["question"]]), r["rationale"]
+    assert all(_checks_out(t, gold[q]) for q, texts in read_data(tmp_path / "o").items() for t in texts)
     assert "kept" in capsys.readouterr().out
+
+
+def test_offline_error_rate_default_is_about_what_is_set(tmp_path):
+    data_dir = make_data_dir(tmp_path, n=100)
+    summary = collect(teacher_argv(data_dir, tmp_path / "o", "--backend", "offline", "--num_samples", "4"))
+    assert args_mod.TeacherArguments.__dataclass_fields__["offline_error_rate"].default == 0.1
+    assert summary["samples"]["kept"] + summary["samples"]["rejected"] == 400
+    assert 0.06 <= summary["samples"]["rejected_by_reason"].get("wrong_answer", 0) / 400 <= 0.14
+
+
+def test_offline_slips_in_feedback_mode_too(tmp_path):
+    data_dir = make_data_dir(tmp_path, n=6)
+    rows = wordmath.generate(6, seed=3)
+    wrong = {row["question"]: [student_attempt(row, 1, "arith", random.Random(i))] for i, row in enumerate(rows)}
+    (tmp_path / "w.json").write_text(json.dumps(wrong))
+    collect(teacher_argv(data_dir, tmp_path / "o", "--backend", "offline", "--mode", "feedback", "--num_samples", "4",
+                         "--student_wrong", str(tmp_path / "w.json"), "--offline_error_rate", "1"))
+    records = [json.loads(line) for line in (tmp_path / "o" / "teacher_provenance.jsonl").read_text().splitlines()]
+    gold = {row["question"]: row["answer"].rpartition("#### ")[2] for row in rows}
+    assert len(records) == 24 and read_data(tmp_path / "o") == {}
+    assert all(r["reason"] == "wrong_answer" and _is_slip(r["rationale"], gold[r["question"]]) for r in records)
+
+
+def test_old_offline_journals_are_not_reused(tmp_path, monkeypatch):
+    """The offline teacher's behaviour is in its params, so a journal of the earlier behaviour answers nothing."""
+    data_dir = make_data_dir(tmp_path, n=5)
+    argv = teacher_argv(data_dir, tmp_path / "o", "--backend", "offline", "--offline_error_rate", "0")
+    with monkeypatch.context() as m:  # the params of the behaviour before tailored solutions
+        m.setattr(teacher_backends.OfflineTeacher, "params",
+                  lambda self: {"n": self._n, "error_rate": self._error_rate, "seed": self._seed})
+        assert collect(argv)["requests"]["from_journal"] == 0
+        assert collect(argv)["requests"]["from_journal"] == 5
+    assert collect(argv)["requests"]["from_journal"] == 0
+
+
+# ---- tailored feedback: the student's steps that check out, then the gold from the corrected step on
+
+def student_attempt(row: dict, wrong_at: int, how: str, rng: random.Random, opening: str = "First there are") -> str:
+    """A student's attempt at a wordmath row in its own words: step `wrong_at` broken ("arith": its result
+    is off; "op": another operation, right arithmetic), later steps carried on from the wrong value."""
+    value = row["steps"][0][0]
+    parts = [f"{opening} {value}."]
+    for i, (_, op, n, _) in enumerate(row["steps"]):
+        right = {"+": value + n, "-": value - n, "*": value * n}[op]
+        result = right
+        if i == wrong_at and how == "op":
+            op = {"+": "-", "-": "+", "*": "+"}[op]
+            result = {"+": value + n, "-": value - n}[op]
+        if i == wrong_at and result == right:
+            result = right + rng.choice([-2, -1, 1, 2])
+        parts.append(f"Then {value} {op} {n} = {result}.")
+        value = result
+    return " ".join(parts + [f"Therefore, the answer is {value}."])
+
+
+def test_tailored_solution_keeps_the_correct_prefix():
+    wrong = ("Zoe has 4 stamps. She gets 8 more, which gives 4 + 8 = 12. She gives 4 away; hence 12 - 4 = 9. "
+             "She gets 7 more, so 9 + 7 = 16. Therefore, the answer is 16.")
+    solution = teacher_backends.tailored_solution(wrong, GOLD, "15", random.Random(0), connector=", so ")
+    assert solution.startswith("Zoe has 4 stamps. She gets 8 more, which gives 4 + 8 = 12. "  # the student's
+                               "She gives away 4, so 12 - 4 = 8. ")  # the gold's, from the corrected step on
+    assert solution.endswith(" 8 + 7 = 15. Therefore, the answer is 15.") and "9" not in solution
+    # first step wrong: nothing of the student's is kept, the gold re-worded is the solution
+    wrong = ("Zoe has 4 stamps. She gets 8 more, which gives 4 + 8 = 13. 13 - 4 = 9. 9 + 7 = 16. "
+             "Therefore, the answer is 16.")
+    solution = teacher_backends.tailored_solution(wrong, GOLD, "15", random.Random(0), connector=", so ")
+    assert solution.startswith("Zoe starts with 4 stamps. She gets 8 more, so 4 + 8 = 12. She gives away 4")
+    assert "Zoe has" not in solution and "13" not in solution and solution.endswith(" Therefore, the answer is 15.")
+
+
+@pytest.mark.parametrize("wrong", [
+    "Zoe has 4 stamps. So 4 + 8 = 12 and then 12 - 4 = 9. 9 + 7 = 16. Therefore, the answer is 16.",  # one sentence
+    "Zoe has 4 stamps. Therefore, the answer is 4 + 8 = 12. 12 - 4 = 9. 9 + 7 = 16.",  # a final sentence in it
+])
+def test_tailored_solution_backs_off_where_the_kept_part_would_hold_a_wrong_step(wrong):
+    solution = teacher_backends.tailored_solution(wrong, GOLD, "15", random.Random(0))
+    assert solution.startswith("Zoe starts with 4 stamps.") and _checks_out(solution, "15")
+
+
+def test_tailored_solution_over_many_broken_attempts():
+    task = tasks.get_task("wordmath")
+    kept_some = 0
+    for i in range(50):
+        rng = random.Random(i)
+        row = wordmath.make_problem(rng, wordmath.Difficulty())
+        gold_rationale, gold = row["answer"].split("\n#### ")
+        wrong_at = rng.randrange(len(row["steps"]))
+        attempt = student_attempt(row, wrong_at, rng.choice(["arith", "op"]), rng)
+        assert tasks.extract_answer(task, attempt) != gold
+        solution = teacher_backends.tailored_solution(attempt, gold_rationale, gold, rng)
+        assert teacher_collect.judge(task, solution, gold) == (solution, "kept")
+        steps = teacher_backends.parse_equations(solution)
+        assert all(e.checks for e in steps) and [e.claimed for e in steps] == [s[3] for s in row["steps"]]
+        student_steps = attempt.split(". ")
+        if wrong_at == 0:
+            assert "First there are" not in solution
+        else:
+            kept_some += 1
+            assert solution.startswith(". ".join(student_steps[:wrong_at + 1]) + ". ")
+            assert student_steps[wrong_at + 1] not in solution
+    assert kept_some >= 20
+
+
+def test_tailored_solution_on_gsm_style_rationales():
+    gold = ("Olivia hides 7 x 12 = 84 eggs. Isabella finds 14 eggs. Ava finds 14 x 2 = 28.0 eggs. Noah finds 28.0 - 4 "
+            "= 24.0 eggs. The children find a total of 14 + 28.0 + 24.0 = 66.0 eggs. The total number of hidden eggs "
+            "still in the yard is 84 - 66.0 = 18.0 eggs.")
+    wrong = ("Olivia hid 7 dozen, which is 7 x 12 = 84 eggs. Ava found twice Isabella's 14, so 14 x 2 = 28 eggs. "
+             "Noah found 28 + 4 = 32 eggs. Together 14 + 28 + 32 = 74 eggs, so 84 - 74 = 10 are left.")
+    solution = teacher_backends.tailored_solution(wrong, gold, "18", random.Random(0))
+    assert solution == ("Olivia hid 7 dozen, which is 7 x 12 = 84 eggs. Ava found twice Isabella's 14, so 14 x 2 = 28 "
+                        "eggs. Noah finds 28.0 - 4 = 24.0 eggs. The children find a total of 14 + 28.0 + 24.0 = 66.0 "
+                        "eggs. The total number of hidden eggs still in the yard is 84 - 66.0 = 18.0 eggs. "
+                        "Therefore, the answer is 18.")
+    # folded GSM lines without full stops: the sentence ends before the next capitalised word
+    gold = "She pays $1,200 x 3 = $3,600 in rent Then she adds 3,600 + 400 = $4,000 Her total is $4,000"
+    wrong = "Rent is $1,200 x 3 = $3,600 for her Then 3,600 + 400 = $4,100 Therefore, the answer is 4,100."
+    assert teacher_backends.tailored_solution(wrong, gold, "4000", random.Random(0)) == (
+        "Rent is $1,200 x 3 = $3,600 for her. Then she adds 3,600 + 400 = $4,000 Her total is $4,000 "
+        "Therefore, the answer is 4000.")
+
+
+def test_tailored_feedback_depends_on_the_attempt(tmp_path):
+    """Two attempts at one question get different training texts, each keeping that student's right steps."""
+    data_dir = make_data_dir(tmp_path, n=4)
+    row = wordmath.generate(4, seed=3)[2]
+    attempts = [student_attempt(row, 1, "arith", random.Random(0)),
+                student_attempt(row, 1, "arith", random.Random(0), opening="We begin with"),
+                student_attempt(row, 0, "op", random.Random(0))]
+    (tmp_path / "w.json").write_text(json.dumps({row["question"]: attempts}))
+    collect(teacher_argv(data_dir, tmp_path / "o", "--backend", "offline", "--mode", "feedback", "--num_samples", "2",
+                         "--student_wrong", str(tmp_path / "w.json"), "--max_wrong_per_question", "3",
+                         "--offline_error_rate", "0"))
+    records = [json.loads(line) for line in (tmp_path / "o" / "teacher_provenance.jsonl").read_text().splitlines()]
+    texts = {a: {r["rationale"] for r in records if r["student_rationale"] == a} for a in attempts}
+    assert all(texts.values()) and all(r["reason"] == "kept" for r in records)
+    assert not (texts[attempts[0]] & texts[attempts[1]] or texts[attempts[0]] & texts[attempts[2]]
+                or texts[attempts[1]] & texts[attempts[2]])
+    for attempt in attempts[:2]:
+        kept = ". ".join(attempt.split(". ")[:2]) + ". "
+        assert all(t.startswith(kept) for t in texts[attempt])
+    gold_steps = [float(s[3]) for s in row["steps"]]
+    for t in texts[attempts[2]]:  # first step wrong: the gold re-worded
+        assert "First there are" not in t and [e.claimed for e in teacher_backends.parse_equations(t)] == gold_steps
 
 
 def test_offline_feedback_mode(tmp_path):

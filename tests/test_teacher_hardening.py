@@ -334,7 +334,7 @@ def test_empty_reply_in_an_old_journal_is_asked_again(tmp_path, data, questions,
 def driver_argv(data_dir: Path, workdir: Path, *extra: str) -> list[str]:
     return ["run_rounds.py", "--task", "wordmath", "--data_dir", str(data_dir), "--student", str(workdir / "student"),
             "--workdir", str(workdir), "--rounds", "1", "--arms", "lm", "--eval_splits", "test",
-            "--backend", "openai", "--teacher_model", "fake-teacher", "--lr", "1e-3", *extra]
+            "--backend", "openai", "--teacher_model", "fake-teacher", "--lr", "1e-3", "--cl_p", "0.1", *extra]
 
 
 def round_one_up_to_the_teacher(tmp_path: Path) -> tuple[Path, Path]:

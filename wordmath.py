@@ -28,7 +28,7 @@ ITEMS = ["apples", "stickers", "marbles", "books", "coins", "pens", "cards", "sh
 FRIENDS = ["a friend", "a cousin", "a classmate", "a neighbor"]
 # Worked solutions vary their wording the way different writers (or a teacher LLM) would, so a
 # student trained on them reads any of these as the same reasoning step.
-# The offline teacher re-words rationales with the same phrases (teacher_backends.py).
+# The offline teacher re-words rationales with the same phrases (offline_teacher.py).
 CONNECTORS = [", so ", ", which gives ", "; hence ", ", and so "]
 STEP_BY_STEP = "Let's think step by step."
 OPENERS = ["", "", STEP_BY_STEP + " "]

@@ -105,7 +105,7 @@ def test_quick_runs_every_arm_and_results_json_reproduces_the_table(tiny_student
 
 
 def test_paired_bootstrap_covers_a_known_difference():
-    from evidence_report import paired_bootstrap
+    from paired_stats import paired_bootstrap
 
     rng = np.random.default_rng(1)
     ref = (rng.random((3, 2000)) < 0.5).astype(int)

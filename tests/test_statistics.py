@@ -8,8 +8,9 @@ import math
 import numpy as np
 import pytest
 
-from evidence_report import (PAIRS, bootstrap_interval, bootstrap_p, claims, holm, pair_statistics, paired_bootstrap,
-                             paired_bootstrap_means, print_pairs, seed_t_interval, t_cdf, t_quantile, t_two_sided_p)
+from evidence_report import PAIRS, print_pairs
+from paired_stats import (bootstrap_interval, bootstrap_p, claims, holm, pair_statistics, paired_bootstrap,
+                          paired_bootstrap_means, seed_t_interval, t_cdf, t_quantile, t_two_sided_p)
 
 
 def grid_with_seed_differences(differences: list[float], questions: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -21,7 +21,7 @@ import query_teacher  # noqa: E402
 import stages  # noqa: E402
 import tasks  # noqa: E402
 import teacher  # noqa: E402
-import teacher_backends  # noqa: E402
+import offline_teacher  # noqa: E402
 import teacher_collect  # noqa: E402
 import teacher_journal  # noqa: E402
 import wordmath  # noqa: E402
@@ -102,11 +102,11 @@ GOLD = ("Zoe starts with 4 stamps. She gets 8 more, so 4 + 8 = 12. She gives awa
     ("I do not know.", "The final answer is wrong; the correct answer is 15."),
 ])
 def test_feedback_names_first_wrong_step(wrong, expected):
-    assert teacher_backends.diagnose(wrong, GOLD, tasks.get_task("wordmath"), "15") == expected
+    assert offline_teacher.diagnose(wrong, GOLD, tasks.get_task("wordmath"), "15") == expected
 
 
 def test_parse_equations_handles_gsm_style():
-    found = teacher_backends.parse_equations("It costs $1,200 x 3 = $3,600, then 2 + 3 * 4 = 14 and 7 / 2 = 3.5.")
+    found = offline_teacher.parse_equations("It costs $1,200 x 3 = $3,600, then 2 + 3 * 4 = 14 and 7 / 2 = 3.5.")
     assert [(e.lhs, e.claimed, e.value) for e in found] == [
         ("$1200 x 3", 3600.0, 3600.0), ("2 + 3 * 4", 14.0, 14.0), ("7 / 2", 3.5, 3.5)]
 
@@ -127,14 +127,14 @@ def test_offline_annotate_is_deterministic_with_distinct_variants(tmp_path):
 
 def _checks_out(rationale: str, gold: str) -> bool:
     """Every equation's arithmetic is right and the final answer is the gold."""
-    steps = teacher_backends.parse_equations(rationale)
+    steps = offline_teacher.parse_equations(rationale)
     return (bool(steps) and all(e.checks for e in steps)
             and tasks.extract_answer(tasks.get_task("wordmath"), rationale) == gold)
 
 
 def _is_slip(rationale: str, gold: str) -> bool:
     """The teacher's slip: earlier steps right, the last step's result and the final answer the same wrong value."""
-    steps = teacher_backends.parse_equations(rationale)
+    steps = offline_teacher.parse_equations(rationale)
     answer = tasks.extract_answer(tasks.get_task("wordmath"), rationale)
     return (answer is not None and answer != gold and all(e.checks for e in steps[:-1])
             and not steps[-1].checks and steps[-1].claimed == float(answer))
@@ -142,11 +142,11 @@ def _is_slip(rationale: str, gold: str) -> bool:
 
 def test_slip_is_consistent_but_wrong():
     body = GOLD.replace("so 8 + 7", "and so 8 + 7")
-    assert teacher_backends.slip(body, "15", "17") == body.replace("8 + 7 = 15", "8 + 7 = 17")
-    assert _is_slip(teacher_backends.slip(body, "15", "17") + " Therefore, the answer is 17.", "15")
-    assert teacher_backends.slip("Costs $1,200 x 3 = $3,600.", "3600", "3610") == "Costs $1,200 x 3 = $3610."
-    assert teacher_backends.slip("No equations here.", "15", "17") == "No equations here."
-    assert teacher_backends.slip("4 + 8 = 12, and then 3 more.", "15", "17") == "4 + 8 = 12, and then 3 more."
+    assert offline_teacher.slip(body, "15", "17") == body.replace("8 + 7 = 15", "8 + 7 = 17")
+    assert _is_slip(offline_teacher.slip(body, "15", "17") + " Therefore, the answer is 17.", "15")
+    assert offline_teacher.slip("Costs $1,200 x 3 = $3,600.", "3600", "3610") == "Costs $1,200 x 3 = $3610."
+    assert offline_teacher.slip("No equations here.", "15", "17") == "No equations here."
+    assert offline_teacher.slip("4 + 8 = 12, and then 3 more.", "15", "17") == "4 + 8 = 12, and then 3 more."
 
 
 def test_offline_error_rate_feeds_the_filter(tmp_path, capsys):
@@ -196,7 +196,7 @@ def test_old_offline_journals_are_not_reused(tmp_path, monkeypatch):
     data_dir = make_data_dir(tmp_path, n=5)
     argv = teacher_argv(data_dir, tmp_path / "o", "--backend", "offline", "--offline_error_rate", "0")
     with monkeypatch.context() as m:  # the params of the behaviour before tailored solutions
-        m.setattr(teacher_backends.OfflineTeacher, "params",
+        m.setattr(offline_teacher.OfflineTeacher, "params",
                   lambda self: {"n": self._n, "error_rate": self._error_rate, "seed": self._seed})
         assert collect(argv)["requests"]["from_journal"] == 0
         assert collect(argv)["requests"]["from_journal"] == 5
@@ -226,14 +226,14 @@ def student_attempt(row: dict, wrong_at: int, how: str, rng: random.Random, open
 def test_tailored_solution_keeps_the_correct_prefix():
     wrong = ("Zoe has 4 stamps. She gets 8 more, which gives 4 + 8 = 12. She gives 4 away; hence 12 - 4 = 9. "
              "She gets 7 more, so 9 + 7 = 16. Therefore, the answer is 16.")
-    solution = teacher_backends.tailored_solution(wrong, GOLD, "15", random.Random(0), connector=", so ")
+    solution = offline_teacher.tailored_solution(wrong, GOLD, "15", random.Random(0), connector=", so ")
     assert solution.startswith("Zoe has 4 stamps. She gets 8 more, which gives 4 + 8 = 12. "  # the student's
                                "She gives away 4, so 12 - 4 = 8. ")  # the gold's, from the corrected step on
     assert solution.endswith(" 8 + 7 = 15. Therefore, the answer is 15.") and "9" not in solution
     # first step wrong: nothing of the student's is kept, the gold re-worded is the solution
     wrong = ("Zoe has 4 stamps. She gets 8 more, which gives 4 + 8 = 13. 13 - 4 = 9. 9 + 7 = 16. "
              "Therefore, the answer is 16.")
-    solution = teacher_backends.tailored_solution(wrong, GOLD, "15", random.Random(0), connector=", so ")
+    solution = offline_teacher.tailored_solution(wrong, GOLD, "15", random.Random(0), connector=", so ")
     assert solution.startswith("Zoe starts with 4 stamps. She gets 8 more, so 4 + 8 = 12. She gives away 4")
     assert "Zoe has" not in solution and "13" not in solution and solution.endswith(" Therefore, the answer is 15.")
 
@@ -243,7 +243,7 @@ def test_tailored_solution_keeps_the_correct_prefix():
     "Zoe has 4 stamps. Therefore, the answer is 4 + 8 = 12. 12 - 4 = 9. 9 + 7 = 16.",  # a final sentence in it
 ])
 def test_tailored_solution_backs_off_where_the_kept_part_would_hold_a_wrong_step(wrong):
-    solution = teacher_backends.tailored_solution(wrong, GOLD, "15", random.Random(0))
+    solution = offline_teacher.tailored_solution(wrong, GOLD, "15", random.Random(0))
     assert solution.startswith("Zoe starts with 4 stamps.") and _checks_out(solution, "15")
 
 
@@ -257,9 +257,9 @@ def test_tailored_solution_over_many_broken_attempts():
         wrong_at = rng.randrange(len(row["steps"]))
         attempt = student_attempt(row, wrong_at, rng.choice(["arith", "op"]), rng)
         assert tasks.extract_answer(task, attempt) != gold
-        solution = teacher_backends.tailored_solution(attempt, gold_rationale, gold, rng)
+        solution = offline_teacher.tailored_solution(attempt, gold_rationale, gold, rng)
         assert teacher_collect.judge(task, solution, gold) == (solution, "kept")
-        steps = teacher_backends.parse_equations(solution)
+        steps = offline_teacher.parse_equations(solution)
         assert all(e.checks for e in steps) and [e.claimed for e in steps] == [s[3] for s in row["steps"]]
         student_steps = attempt.split(". ")
         if wrong_at == 0:
@@ -277,7 +277,7 @@ def test_tailored_solution_on_gsm_style_rationales():
             "still in the yard is 84 - 66.0 = 18.0 eggs.")
     wrong = ("Olivia hid 7 dozen, which is 7 x 12 = 84 eggs. Ava found twice Isabella's 14, so 14 x 2 = 28 eggs. "
              "Noah found 28 + 4 = 32 eggs. Together 14 + 28 + 32 = 74 eggs, so 84 - 74 = 10 are left.")
-    solution = teacher_backends.tailored_solution(wrong, gold, "18", random.Random(0))
+    solution = offline_teacher.tailored_solution(wrong, gold, "18", random.Random(0))
     assert solution == ("Olivia hid 7 dozen, which is 7 x 12 = 84 eggs. Ava found twice Isabella's 14, so 14 x 2 = 28 "
                         "eggs. Noah finds 28.0 - 4 = 24.0 eggs. The children find a total of 14 + 28.0 + 24.0 = 66.0 "
                         "eggs. The total number of hidden eggs still in the yard is 84 - 66.0 = 18.0 eggs. "
@@ -285,7 +285,7 @@ def test_tailored_solution_on_gsm_style_rationales():
     # folded GSM lines without full stops: the sentence ends before the next capitalised word
     gold = "She pays $1,200 x 3 = $3,600 in rent Then she adds 3,600 + 400 = $4,000 Her total is $4,000"
     wrong = "Rent is $1,200 x 3 = $3,600 for her Then 3,600 + 400 = $4,100 Therefore, the answer is 4,100."
-    assert teacher_backends.tailored_solution(wrong, gold, "4000", random.Random(0)) == (
+    assert offline_teacher.tailored_solution(wrong, gold, "4000", random.Random(0)) == (
         "Rent is $1,200 x 3 = $3,600 for her. Then she adds 3,600 + 400 = $4,000 Her total is $4,000 "
         "Therefore, the answer is 4000.")
 
@@ -311,14 +311,14 @@ def test_tailored_feedback_depends_on_the_attempt(tmp_path):
         assert all(t.startswith(kept) for t in texts[attempt])
     gold_steps = [float(s[3]) for s in row["steps"]]
     for t in texts[attempts[2]]:  # first step wrong: the gold re-worded
-        assert "First there are" not in t and [e.claimed for e in teacher_backends.parse_equations(t)] == gold_steps
+        assert "First there are" not in t and [e.claimed for e in offline_teacher.parse_equations(t)] == gold_steps
 
 
 def test_offline_feedback_mode(tmp_path):
     data_dir = make_data_dir(tmp_path, n=4)
     examples = tasks.load_split("wordmath", "train", str(data_dir))
     ex = examples[1]
-    first = teacher_backends.parse_equations(ex.rationale)[0]
+    first = offline_teacher.parse_equations(ex.rationale)[0]
     wrong = f"{first.lhs} = {int(first.claimed) + 1}. Therefore, the answer is {int(first.claimed) + 1}."
     student_wrong = tmp_path / "student_wrong.json"
     student_wrong.write_text(json.dumps({ex.question: [wrong, wrong + " ", "Therefore, the answer is 0."]}))
